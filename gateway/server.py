@@ -1,0 +1,227 @@
+"""Listeners, connection limits and signals: the process around the associations.
+
+SIGHUP swaps in a new Runtime (config + freshly built TLS contexts) for new
+associations; live ones keep the Runtime they started with. SIGTERM/SIGINT stop
+accepting, let live associations run for ``shutdown_grace`` seconds, then cancel
+them (each cancelled association sends A-ABORT to both sides).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from .config import CertificateConfig, Config, ListenerConfig, load_config, read_key_password
+from .errors import GatewayError
+from .policy import effective_verify
+from .session import Association, Counters, Runtime
+from .tls.context import (
+    ClientTLSSettings,
+    Identity,
+    ServerTLSSettings,
+    build_client,
+    build_server,
+)
+
+log = structlog.get_logger("gateway")
+
+# Accept errors that mean "out of resources right now", not "listener broken":
+# back off and keep serving (trio's serve_listeners does the same).
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def _identity(cert: CertificateConfig) -> Identity:
+    return Identity(
+        cert=cert.cert,
+        key=cert.key,
+        sni=cert.sni,
+        key_password=read_key_password(cert, os.environ.get),
+    )
+
+
+def _verify_in_handshake(config: Config, listener: ListenerConfig) -> bool:
+    """Fail unknown chains in the handshake only when every reachable route would.
+
+    Otherwise the handshake just gathers evidence and the route decides (DESIGN §3).
+    """
+    if listener.client_cert != "required":
+        return False
+    for route in config.routes:
+        if route.listeners is not None and listener.name not in route.listeners:
+            continue
+        if effective_verify(route, listener) != "chain" or route.trust is not None:
+            return False
+    return True
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Build every TLS context the config needs; raises GatewayError on any bad file."""
+    server_tls = {}
+    for lst in config.listeners:
+        if not lst.tls:
+            continue
+        server_tls[lst.name] = build_server(ServerTLSSettings(
+            identities=tuple(_identity(c) for c in lst.certificates),
+            profile=lst.profile,
+            client_cert=lst.client_cert,
+            trust=lst.trust,
+            min_version=lst.min_version,
+            ciphers=lst.ciphers,
+            verify_in_handshake=_verify_in_handshake(config, lst),
+        ))
+    backend_tls = {}
+    for route in config.routes:
+        bt = route.backend_tls
+        if bt is None:
+            continue
+        backend_tls[route.name] = build_client(ClientTLSSettings(
+            profile=bt.profile,
+            verify=bt.verify,
+            ca=bt.ca,
+            server_name=bt.server_name,
+            thumbprints=bt.thumbprints,
+            identity=_identity(bt.certificate) if bt.certificate else None,
+        ))
+    return Runtime(config=config, server_tls=server_tls, backend_tls=backend_tls)
+
+
+def load_runtime(path: str | Path) -> Runtime:
+    """Load, validate and build: everything that can fail before anything listens."""
+    return build_runtime(load_config(path))
+
+
+class GatewayServer:
+    """Serves every listener of the current Runtime until told to stop."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.counters = Counters()
+        self.on_event = on_event
+        self.draining = False
+        self.bound: dict[str, list[tuple[str, int]]] = {}
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    def reload(self) -> bool:
+        """Re-read the config file and certificates; keep the old Runtime on error."""
+        path = self.runtime.config.path
+        try:
+            new = load_runtime(path)
+        except GatewayError as exc:
+            log.error("config.reload_failed", path=str(path), error=str(exc))
+            return False
+        old_listeners = {(lst.name, lst.host, lst.port, lst.tls)
+                         for lst in self.runtime.config.listeners}
+        new_listeners = {(lst.name, lst.host, lst.port, lst.tls) for lst in new.config.listeners}
+        if old_listeners != new_listeners:
+            log.warning("config.reload_listeners_unchanged",
+                        reason="listener addresses changed; restart to apply them")
+        self.runtime = new
+        log.info("config.reloaded", path=str(path), routes=len(new.config.routes))
+        return True
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Bind all listeners, then serve until ``stop()``; drains before returning."""
+        gw = self.runtime.config.gateway
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accept:
+                for lst in self.runtime.config.listeners:
+                    host = None if lst.host in ("*", "0.0.0.0", "::") else lst.host
+                    listeners = await trio.open_tcp_listeners(lst.port, host=host)
+                    self.bound[lst.name] = [
+                        tuple(tl.socket.getsockname()[:2]) for tl in listeners
+                    ]
+                    for tl in listeners:
+                        accept.start_soon(self._accept_loop, lst.name, tl, conns)
+                    log.info("listener.started", listener=lst.name, address=f"{lst.host}:{lst.port}",
+                             tls=lst.tls, profile=lst.profile if lst.tls else None)
+                log.info("gateway.started", listeners=len(self.bound),
+                         routes=len(self.runtime.config.routes), pid=os.getpid())
+                task_status.started()
+                await self._stop.wait()
+                self.draining = True
+                accept.cancel_scope.cancel()
+            log.info("gateway.draining", active=self.counters.active,
+                     grace_s=gw.shutdown_grace)
+            with trio.move_on_after(gw.shutdown_grace):
+                while self.counters.active:
+                    await trio.sleep(0.05)
+            if self.counters.active:
+                log.warning("gateway.drain_timeout", aborting=self.counters.active)
+            conns.cancel_scope.cancel()
+        log.info("gateway.stopped", associations=self.counters.total)
+
+    async def _accept_loop(self, name: str, listener: trio.SocketListener,
+                           conns: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_RETRY:
+                        log.error("listener.accept_failed", listener=name, error=str(exc))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                conns.start_soon(self._handle, name, stream)
+
+    async def _handle(self, name: str, stream: trio.SocketStream) -> None:
+        runtime = self.runtime  # an association keeps the config it started with
+        try:
+            listener = runtime.config.listener(name)
+        except KeyError:
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            addr = stream.socket.getpeername()
+            peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+        except OSError:
+            peer = "unknown"
+        self.counters.active += 1
+        self.counters.total += 1
+        try:
+            await Association(runtime, listener, stream, peer, self.counters,
+                              self.on_event).run()
+        except Exception:
+            # A bug must cost one association, never the gateway.
+            log.exception("association.crashed", listener=name, peer=peer)
+        finally:
+            self.counters.active -= 1
+
+
+async def run_gateway(config_path: str | Path, *,
+                      on_ready: Callable[[GatewayServer], None] | None = None) -> None:
+    """Run the gateway with signal handling until SIGTERM/SIGINT (CLI ``run``)."""
+    server = GatewayServer(load_runtime(config_path))
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            if on_ready:
+                on_ready(server)
+
+            async def watch() -> None:
+                async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        server.reload()
+                    else:
+                        log.info("gateway.signal", signal=signal.Signals(sig).name)
+                        server.stop()
+                        return
+
+            nursery.start_soon(watch)

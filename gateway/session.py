@@ -1,0 +1,470 @@
+"""One association's life, start to end — the only place that decides its fate.
+
+accept → (TLS handshake) → read A-ASSOCIATE-RQ under ARTIM → route → policy →
+connect backend (+TLS) → relay RQ and the answer → pump both ways → release or
+abort → one summary log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from .config import Config, ListenerConfig, RouteConfig
+from .dul.codec import decode_pdu, encode_abort, encode_pdu, encode_reject
+from .dul.framer import PDUFramer, RawPDU, TLSOnPlainPortError
+from .dul.pdus import AssociateAC, AssociateRQ
+from .errors import ProtocolError, TLSError
+from .policy import PeerIdentity, check_policy
+from .relay import Direction, relay
+from .routing import NoRoute, RouteRequest, select_route
+from .tls.context import ClientTLS, ServerTLS, TLSEvidence, gather_evidence
+from .tls.stream import TLSStream
+
+log = structlog.get_logger("gateway")
+
+PDU_A_ASSOCIATE_RQ = 0x01
+PDU_A_ASSOCIATE_AC = 0x02
+PDU_A_ASSOCIATE_RJ = 0x03
+PDU_A_ABORT = 0x07
+
+# DESIGN §2 rejection table: (result, source, reason).
+RJ_CALLED_AE_UNKNOWN = (1, 1, 7)
+RJ_CALLING_AE_REFUSED = (1, 1, 3)
+RJ_PROTOCOL_VERSION = (1, 2, 2)
+RJ_BACKEND_UNAVAILABLE = (2, 3, 1)
+RJ_LIMIT = (2, 3, 2)
+
+#: A-ABORT the gateway sends when one side vanishes: source 2 (service provider),
+#: reason 0 (not specified) — the gateway is the provider from each peer's view.
+ABORT_PROVIDER = encode_abort(2, 0)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One generation of the configuration with its TLS contexts, built at load time."""
+
+    config: Config
+    server_tls: dict[str, ServerTLS]
+    backend_tls: dict[str, ClientTLS]
+
+
+@dataclass
+class Counters:
+    """Live numbers the server keeps across associations."""
+
+    active: int = 0
+    total: int = 0
+
+
+class _Rejected(Exception):
+    """Internal: the association ends with an A-ASSOCIATE-RJ already decided."""
+
+    def __init__(self, rj: tuple[int, int, int], why: str, **fields: Any) -> None:
+        super().__init__(why)
+        self.rj, self.why, self.fields = rj, why, fields
+
+
+async def _read_pdu(stream: trio.abc.ReceiveStream, framer: PDUFramer) -> RawPDU | None:
+    """Read until ``framer`` yields one complete PDU; None on a clean EOF."""
+    while True:
+        pdu = framer.next_pdu()
+        if pdu is not None:
+            return pdu
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        framer.feed(data)
+
+
+async def _finish(stream: trio.abc.Stream, wait: float) -> None:
+    """Close ``stream`` gracefully: give the peer up to ``wait`` s to close first.
+
+    Closing at once after an RJ/A-ABORT risks a TCP reset that destroys the
+    very PDU we just sent; PS3.8 has the peer close and ARTIM bound the wait.
+    """
+    with trio.move_on_after(wait):
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    with trio.move_on_after(1):
+        try:
+            await stream.aclose()
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+async def _send_quietly(stream: trio.abc.SendStream, data: bytes, timeout: float = 2.0) -> bool:
+    """Best-effort send of a final PDU; False if the peer is already gone."""
+    with trio.move_on_after(timeout):
+        try:
+            await stream.send_all(data)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+    return False
+
+
+def _peer_identity(evidence: TLSEvidence | None) -> PeerIdentity | None:
+    if evidence is None:
+        return None
+    return PeerIdentity(
+        has_certificate=evidence.sha256 is not None,
+        chain_verified=evidence.chain_verified,
+        verify_error=evidence.verify_error,
+        common_name=evidence.common_name,
+        names=tuple(evidence.sans),
+    )
+
+
+class Association:
+    """State and steps of one association; ``run`` owns its whole life."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        listener: ListenerConfig,
+        stream: trio.abc.Stream,
+        peer: str,
+        counters: Counters,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.rt = runtime
+        self.gw = runtime.config.gateway
+        self.listener = listener
+        self.client: trio.abc.Stream = stream
+        self.backend: trio.abc.Stream | None = None
+        self.peer = peer
+        self.counters = counters
+        self.on_event = on_event
+        self.evidence: TLSEvidence | None = None
+        self.route: RouteConfig | None = None
+        self.rq: AssociateRQ | None = None
+        self.started = trio.current_time()
+        self.up = Direction("client→backend")
+        self.down = Direction("backend→client")
+        self.assoc_id = secrets.token_hex(6)
+
+    def _emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        getattr(log, level)(event, **fields)
+        if self.on_event:
+            self.on_event(event, {**structlog.contextvars.get_contextvars(), **fields})
+
+    async def run(self) -> None:
+        """Serve the association; never raises for anything a peer can cause."""
+        with structlog.contextvars.bound_contextvars(
+            assoc_id=self.assoc_id, listener=self.listener.name, peer=self.peer
+        ):
+            try:
+                await self._run()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for s in (self.client, self.backend):
+                        if s is not None:
+                            await trio.aclose_forcefully(s)
+
+    async def _run(self) -> None:
+        # Every step before the relay is bounded: handshake, ARTIM, connect, answer.
+        if self.listener.tls:
+            if not await self._handshake():
+                return
+        with structlog.contextvars.bound_contextvars(**self._tls_fields()):
+            raw = await self._read_request()
+            if raw is None:
+                return
+            try:
+                await self._associate(raw)
+            except _Rejected as rj:
+                await self._reject(rj)
+                return
+            except _Done:
+                return
+            await self._relay()
+
+    def _tls_fields(self) -> dict[str, Any]:
+        ev = self.evidence
+        if ev is None:
+            return {}
+        return {
+            "tls_version": ev.version,
+            "cipher": ev.cipher,
+            "client_subject": ev.subject,
+            **({"sni": ev.sni} if ev.sni else {}),
+        }
+
+    # -- step 1: TLS ---------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        server_tls = self.rt.server_tls[self.listener.name]
+        tls = TLSStream(self.client, server_tls.new_connection(), server_side=True)
+        self.client = tls
+        try:
+            with trio.fail_after(self.gw.handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            self._emit("tls.handshake_failed", "warning",
+                       reason=f"no handshake within {self.gw.handshake_timeout:g} s")
+            return False
+        except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._emit("tls.handshake_failed", "warning", reason=str(exc))
+            return False
+        self.evidence = gather_evidence(tls.connection)
+        return True
+
+    # -- step 2: A-ASSOCIATE-RQ under ARTIM ------------------------------------------
+
+    async def _read_request(self) -> RawPDU | None:
+        framer = PDUFramer(self.gw.max_pdu_length)
+        self._client_framer = framer
+        try:
+            with trio.fail_after(self.gw.artim_timeout):
+                raw = await _read_pdu(self.client, framer)
+        except trio.TooSlowError:
+            self._emit("association.aborted", "warning", by="gateway",
+                       reason=f"ARTIM: no complete A-ASSOCIATE-RQ within "
+                              f"{self.gw.artim_timeout:g} s")
+            await self._abort_client(0)
+            return None
+        except TLSOnPlainPortError:
+            self._emit("association.aborted", "warning", by="gateway",
+                       reason="TLS ClientHello received on a plain DICOM listener "
+                              "(client configured for TLS, listener is tls = false)")
+            return None
+        except ProtocolError as exc:
+            self._emit("association.aborted", "warning", by="gateway",
+                       reason=f"malformed PDU: {exc}", abort_reason=exc.abort_reason)
+            await self._abort_client(exc.abort_reason)
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._emit("association.aborted", "info", by="client",
+                       reason=f"connection lost before A-ASSOCIATE-RQ: {exc}")
+            return None
+        if raw is None:
+            self._emit("association.aborted", "info", by="client",
+                       reason="closed before sending an A-ASSOCIATE-RQ")
+            return None
+        if raw.pdu_type != PDU_A_ASSOCIATE_RQ:
+            self._emit("association.aborted", "warning", by="gateway",
+                       reason=f"unexpected PDU type 0x{raw.pdu_type:02X} before association")
+            await self._abort_client(2)
+            return None
+        return raw
+
+    async def _abort_client(self, reason: int) -> None:
+        if await _send_quietly(self.client, encode_abort(2, reason)):
+            await _finish(self.client, min(self.gw.artim_timeout, self.gw.release_timeout))
+
+    # -- step 3: route, policy, backend ----------------------------------------------
+
+    async def _associate(self, raw: RawPDU) -> None:
+        try:
+            rq = decode_pdu(raw.data)
+        except ProtocolError as exc:
+            self._emit("association.aborted", "warning", by="gateway",
+                       reason=f"malformed A-ASSOCIATE-RQ: {exc}", abort_reason=exc.abort_reason)
+            await self._abort_client(exc.abort_reason)
+            raise _Done from None
+        assert isinstance(rq, AssociateRQ)
+        self.rq = rq
+        structlog.contextvars.bind_contextvars(calling_ae=rq.calling_ae, called_ae=rq.called_ae)
+        if not rq.protocol_version & 1:
+            raise _Rejected(RJ_PROTOCOL_VERSION,
+                            f"unsupported protocol version 0x{rq.protocol_version:04X}")
+        if self.counters.active > self.gw.max_associations:
+            raise _Rejected(RJ_LIMIT, f"max_associations ({self.gw.max_associations}) reached")
+        sni = self.evidence.sni if self.evidence else None
+        found = select_route(
+            self.rt.config.routes,
+            RouteRequest(self.listener.name, rq.called_ae, rq.calling_ae, sni),
+        )
+        if isinstance(found, NoRoute):
+            rj = RJ_CALLED_AE_UNKNOWN if found is NoRoute.CALLED_AE_UNKNOWN else \
+                RJ_CALLING_AE_REFUSED
+            raise _Rejected(rj, found.value)
+        route = self.route = found
+        backend_desc = f"{route.backend.host}:{route.backend.port}"
+        structlog.contextvars.bind_contextvars(route=route.name, backend=backend_desc)
+        decision = check_policy(route, self.listener, _peer_identity(self.evidence),
+                                rq.calling_ae)
+        if not decision.allowed:
+            raise _Rejected(RJ_CALLING_AE_REFUSED, decision.reason, check=decision.check)
+
+        await self._connect_backend(route)
+        assert self.backend is not None
+        forward = raw.data
+        if route.backend.called_ae or route.backend.calling_ae:
+            forward = encode_pdu(dataclasses.replace(
+                rq,
+                called_ae=route.backend.called_ae or rq.called_ae,
+                calling_ae=route.backend.calling_ae or rq.calling_ae,
+            ))
+        try:
+            await self.backend.send_all(forward + self._client_framer.take_remaining())
+            answer, rest = await self._read_backend_answer()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _Rejected(RJ_BACKEND_UNAVAILABLE, f"backend connection lost: {exc}") from None
+        await self._answer(answer, rest)
+
+    async def _connect_backend(self, route: RouteConfig) -> None:
+        b = route.backend
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(self.gw.connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(b.host, b.port)
+        except trio.TooSlowError:
+            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                            f"backend did not accept within {self.gw.connect_timeout:g} s"
+                            ) from None
+        except OSError as exc:
+            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                            f"backend unreachable: {exc.strerror or exc}") from None
+        self.backend = stream
+        if route.backend_tls is not None:
+            client_tls = self.rt.backend_tls[route.name]
+            tls = TLSStream(stream, client_tls.new_connection(), server_side=False)
+            self.backend = tls
+            try:
+                with trio.fail_after(self.gw.handshake_timeout):
+                    await tls.do_handshake()
+                client_tls.check_peer(tls.connection)
+            except trio.TooSlowError:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE, "backend TLS handshake timed out",
+                                tls_failure=True) from None
+            except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE, f"backend TLS failed: {exc}",
+                                tls_failure=True) from None
+        self.connect_seconds = trio.current_time() - t0
+
+    async def _read_backend_answer(self) -> tuple[RawPDU, bytes]:
+        assert self.backend is not None
+        framer = PDUFramer(max(self.gw.max_pdu_length, 1 << 20))
+        try:
+            with trio.fail_after(self.gw.backend_timeout):
+                answer = await _read_pdu(self.backend, framer)
+        except trio.TooSlowError:
+            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                            f"backend did not answer the A-ASSOCIATE-RQ within "
+                            f"{self.gw.backend_timeout:g} s") from None
+        except ProtocolError as exc:
+            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                            f"backend sent a malformed answer: {exc}") from None
+        if answer is None:
+            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                            "backend closed the connection without answering")
+        return answer, framer.take_remaining()
+
+    async def _answer(self, answer: RawPDU, rest: bytes) -> None:
+        assert self.backend is not None and self.rq is not None and self.route is not None
+        if answer.pdu_type == PDU_A_ASSOCIATE_AC:
+            data = answer.data
+            b = self.route.backend
+            if b.called_ae or b.calling_ae:
+                ac = decode_pdu(data)
+                assert isinstance(ac, AssociateAC)
+                # The client must see the titles it sent (PS3.8: AC echoes the RQ).
+                data = encode_pdu(dataclasses.replace(
+                    ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae))
+            await self.client.send_all(data + rest)
+            self.down.tracker.feed(data + rest)
+            self.down.bytes += len(data) + len(rest)
+            self._emit("association.accepted", **self._accepted_fields())
+            return
+        if answer.pdu_type == PDU_A_ASSOCIATE_RJ:
+            rj = decode_pdu(answer.data)
+            await _send_quietly(self.client, answer.data)
+            self._emit("association.rejected", source_side="backend",
+                       result=rj.result, source=rj.source, reason=rj.reason,
+                       why="backend rejected the association")
+            await _finish(self.client, self.gw.release_timeout)
+            raise _Done
+        if answer.pdu_type == PDU_A_ABORT:
+            await _send_quietly(self.client, answer.data)
+            self._emit("association.aborted", "warning", by="backend",
+                       reason="backend answered the A-ASSOCIATE-RQ with A-ABORT")
+            await _finish(self.client, self.gw.release_timeout)
+            raise _Done
+        raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                        f"backend answered with unexpected PDU type 0x{answer.pdu_type:02X}")
+
+    def _accepted_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if self.route and (self.route.backend.called_ae or self.route.backend.calling_ae):
+            fields["backend_called_ae"] = self.route.backend.called_ae or self.rq.called_ae
+            fields["backend_calling_ae"] = self.route.backend.calling_ae or self.rq.calling_ae
+        fields["connect_ms"] = round(getattr(self, "connect_seconds", 0.0) * 1000, 1)
+        return fields
+
+    async def _reject(self, rj: _Rejected) -> None:
+        result, source, reason = rj.rj
+        self._emit("association.rejected", "warning", source_side="gateway",
+                   result=result, source=source, reason=reason, why=rj.why, **rj.fields)
+        if self.backend is not None:
+            await trio.aclose_forcefully(self.backend)
+            self.backend = None
+        if await _send_quietly(self.client, encode_reject(result, source, reason)):
+            await _finish(self.client, min(self.gw.artim_timeout, self.gw.release_timeout))
+
+    # -- step 4: relay until release or abort ----------------------------------------
+
+    async def _relay(self) -> None:
+        assert self.backend is not None
+        result = await relay(self.client, self.backend, idle_timeout=self.gw.idle_timeout,
+                             upstream=self.up, downstream=self.down)
+        summary = {
+            "bytes_up": self.up.bytes,
+            "bytes_down": self.down.bytes,
+            "duration_s": round(trio.current_time() - self.started, 3),
+        }
+        if result.released:
+            self._emit("association.released", **summary)
+            await self._close_both(())
+            return
+        if result.aborted_by:
+            self._emit("association.aborted", "warning", by=result.aborted_by,
+                       reason=f"{result.aborted_by} sent A-ABORT", **summary)
+            await self._close_both(())
+            return
+        if result.idle_timeout:
+            by, why = "gateway", f"idle for {self.gw.idle_timeout:g} s"
+        else:
+            vanished = "client" if self.up.end.value in ("eof", "source broken") or \
+                self.down.end.value == "destination broken" else "backend"
+            by = vanished
+            ended = self.up if vanished == "client" and self.up.end.value != "running" \
+                else self.down
+            why = f"{vanished} closed the connection without release ({ended.end.value}" + \
+                (f": {ended.error})" if ended.error else ")")
+        # Tell whoever is still there, so no sender believes a transfer succeeded.
+        told = []
+        if by != "client" and self.down.destination_clean and \
+                await _send_quietly(self.client, ABORT_PROVIDER):
+            told.append("client")
+        if by != "backend" and self.up.destination_clean and \
+                await _send_quietly(self.backend, ABORT_PROVIDER):
+            told.append("backend")
+        self._emit("association.aborted", "warning", by=by, reason=why,
+                   abort_sent_to=told, **summary)
+        await self._close_both(told)
+
+    async def _close_both(self, told: list[str] | tuple[str, ...]) -> None:
+        # A side we just sent an A-ABORT gets a moment to read it and close first;
+        # the others are closed at once (after a release nothing is in flight).
+        async with trio.open_nursery() as n:
+            for side, s in (("client", self.client), ("backend", self.backend)):
+                if s is not None:
+                    n.start_soon(_finish, s, min(2.0, self.gw.release_timeout) if side in told
+                                 else 0)
+
+
+class _Done(Exception):
+    """Internal: the association has already been answered and closed."""

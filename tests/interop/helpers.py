@@ -1,0 +1,664 @@
+"""Plain helpers for the interop suite (no pytest fixtures here; see conftest.py).
+
+Everything talks to 127.0.0.1 only. DCMTK tools are always called by their full
+path (pynetdicom installs same-named scripts into the virtualenv) and always with
+``TCP_NODELAY=1`` in their environment (DESIGN §8/§9).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+HOST = "127.0.0.1"
+MAIN = Path(__file__).resolve().parents[2]
+DCMTK_BIN = Path("/usr/bin")
+
+
+def dcmtk(tool: str) -> str:
+    """Full path of a DCMTK tool (never the pynetdicom script of the same name)."""
+    return str(DCMTK_BIN / tool)
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+# --------------------------------------------------------------------------- ports
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (never the same one twice)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("could not find a free port")
+
+
+def listening_ports() -> set[int]:
+    """Ports in LISTEN state on any local address (read from /proc, no probe connection).
+
+    Probing with connect() would make the gateway log a junk connection (or a TLS
+    handshake failure), so readiness is checked without touching the socket.
+    """
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    parts = line.split()
+                    if len(parts) > 3 and parts[3] == "0A":
+                        ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+        except FileNotFoundError:
+            continue
+    return ports
+
+
+def is_listening(port: int) -> bool:
+    if os.path.exists("/proc/net/tcp"):
+        return port in listening_ports()
+    with socket.socket() as s:  # pragma: no cover - non-Linux fallback
+        s.settimeout(0.2)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def wait_listening(ports: Iterable[int], proc: subprocess.Popen | None, timeout: float) -> bool:
+    """True once every port listens; False on timeout or when ``proc`` exited."""
+    ports = list(ports)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        if all(is_listening(p) for p in ports):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --------------------------------------------------------------------------- DCMTK
+
+
+def run_dcmtk(args: Sequence[str | os.PathLike], timeout: float = 60) -> tuple[int, str]:
+    """Run a DCMTK tool (``args[0]`` is the tool name or full path).
+
+    Returns (exit status, stdout+stderr). A timeout is reported as status -999 with
+    whatever output there was, so the test fails with a readable message.
+    """
+    args = [str(a) for a in args]
+    if "/" not in args[0]:
+        args[0] = dcmtk(args[0])
+    try:
+        cp = subprocess.run(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.output or b""
+        return -999, f"TIMEOUT after {timeout}s: {' '.join(args)}\n" + out.decode(errors="replace")
+    return cp.returncode, cp.stdout.decode(errors="replace")
+
+
+def count_store_successes(dcmtk_output: str) -> int:
+    """Number of C-STORE responses with status Success that storescu reported (-v)."""
+    return sum(
+        1
+        for line in dcmtk_output.splitlines()
+        if "Received Store Response" in line and "Success" in line
+    )
+
+
+# --------------------------------------------------------------------------- PKI
+
+
+@dataclass(frozen=True)
+class CertKey:
+    cert: Path
+    key: Path
+
+    @property
+    def dcmtk_tls(self) -> list[str]:
+        """DCMTK's ``+tls KEYFILE CERTFILE`` (key first)."""
+        return ["+tls", str(self.key), str(self.cert)]
+
+
+@dataclass(frozen=True)
+class PKI:
+    dir: Path
+    gateway_ca: Path  # signs the gateway's server cert and its client cert for backends
+    client_ca: Path  # signs the modality client cert (CN CT01)
+    backend_ca: Path  # signs the TLS backend's server cert
+    evil_ca: Path  # unrelated CA
+    gateway_server: CertKey  # SAN localhost, 127.0.0.1
+    gateway_client: CertKey  # gateway -> TLS backend (mutual TLS)
+    client: CertKey  # CN CT01, by client_ca
+    client2: CertKey  # CN MR01, by client_ca
+    evil_client: CertKey  # CN CT01, by evil_ca
+    backend_server: CertKey  # SAN localhost, 127.0.0.1, by backend_ca
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dicom-gateway interop tests"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+class _CA:
+    def __init__(self, cn: str):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.name = _name(cn)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def issue(
+        self,
+        directory: Path,
+        stem: str,
+        cn: str,
+        dns: Sequence[str] = (),
+        ips: Sequence[str] = (),
+    ) -> CertKey:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        cert_path = directory / f"{stem}.pem"
+        key_path = directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key, key_path)
+        return CertKey(cert_path, key_path)
+
+
+def make_pki(directory: Path) -> PKI:
+    directory.mkdir(parents=True, exist_ok=True)
+    gateway_ca = _CA("Interop Gateway CA")
+    client_ca = _CA("Interop Client CA")
+    backend_ca = _CA("Interop Backend CA")
+    evil_ca = _CA("Evil CA")
+    server_names = {"dns": ["localhost"], "ips": ["127.0.0.1"]}
+    return PKI(
+        dir=directory,
+        gateway_ca=gateway_ca.write(directory / "gateway-ca.pem"),
+        client_ca=client_ca.write(directory / "client-ca.pem"),
+        backend_ca=backend_ca.write(directory / "backend-ca.pem"),
+        evil_ca=evil_ca.write(directory / "evil-ca.pem"),
+        gateway_server=gateway_ca.issue(directory, "gateway-server", "localhost", **server_names),
+        gateway_client=gateway_ca.issue(directory, "gateway-client", "GATEWAY"),
+        client=client_ca.issue(directory, "client-ct01", "CT01"),
+        client2=client_ca.issue(directory, "client-mr01", "MR01"),
+        evil_client=evil_ca.issue(directory, "evil-ct01", "CT01"),
+        backend_server=backend_ca.issue(directory, "backend-server", "localhost", **server_names),
+    )
+
+
+def sha256_thumbprint(cert_path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+# --------------------------------------------------------------------------- datasets
+
+KB = 1024
+MB = 1024 * 1024
+
+
+def make_ct_dataset(
+    size: int,
+    *,
+    patient_id: str = "PID001",
+    patient_name: str = "Interop^Test",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    number: int = 1,
+) -> Dataset:
+    """A CT Image Storage dataset (explicit VR LE) whose encoded file is about ``size`` bytes."""
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = f"ACC{number:05d}"
+    ds.Modality = "CT"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    # Choose the narrowest column count that keeps Rows (US) <= 65535.
+    pixel_bytes = max(size - 1200, 128)
+    for cols in (32, 256, 1024, 4096):
+        rows = max(1, pixel_bytes // (cols * 2))
+        if rows <= 65535:
+            break
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.add_new(0x7FE00010, "OW", os.urandom(rows * cols * 2))
+    return ds
+
+
+def write_ct_files(
+    directory: Path,
+    sizes: Sequence[int],
+    *,
+    patient_id: str = "PID001",
+    patient_name: str = "Interop^Test",
+    prefix: str = "img",
+) -> list[Path]:
+    """Write one CT file per entry of ``sizes`` (one study, one series); return the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for i, size in enumerate(sizes, start=1):
+        ds = make_ct_dataset(
+            size,
+            patient_id=patient_id,
+            patient_name=patient_name,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            number=i,
+        )
+        path = directory / f"{prefix}{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def datasets_differences(a: Dataset, b: Dataset) -> list[str]:
+    """Element-by-element comparison (every tag incl. PixelData); file meta is ignored."""
+    diffs = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):
+        if tag.group == 0x0002:
+            continue
+        if tag not in a or tag not in b:
+            diffs.append(f"{tag}: only in {'first' if tag in a else 'second'}")
+            continue
+        va, vb = a[tag].value, b[tag].value
+        if va != vb:
+            if isinstance(va, bytes | bytearray) and isinstance(vb, bytes | bytearray):
+                diffs.append(f"{tag} ({a[tag].keyword}): {len(va)} vs {len(vb)} bytes differ")
+            else:
+                diffs.append(f"{tag} ({a[tag].keyword}): {va!r:.80} != {vb!r:.80}")
+    return diffs
+
+
+def stored_files(directory: Path) -> list[Path]:
+    """Regular files in an SCP output directory (DCMTK names them e.g. ``CT.<uid>``)."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def assert_received_identical(
+    outdir: Path, sent: Sequence[Path], *, expect_all: bool = True
+) -> set[str]:
+    """Every file stored in ``outdir`` equals (as a dataset) the sent file of the same
+    SOP Instance UID; with ``expect_all`` every sent file must be there. Returns UIDs."""
+    sent_by_uid = {}
+    for p in sent:
+        ds = dcmread(p)
+        sent_by_uid[str(ds.SOPInstanceUID)] = p
+    seen: set[str] = set()
+    problems = []
+    for p in stored_files(outdir):
+        try:
+            got = dcmread(p)
+        except Exception as exc:
+            problems.append(f"{p.name}: unreadable ({exc})")
+            continue
+        uid = str(got.SOPInstanceUID)
+        if uid not in sent_by_uid:
+            problems.append(f"{p.name}: unexpected SOP Instance UID {uid}")
+            continue
+        if uid in seen:
+            problems.append(f"{p.name}: duplicate of {uid}")
+        seen.add(uid)
+        diffs = datasets_differences(dcmread(sent_by_uid[uid]), got)
+        if diffs:
+            problems.append(f"{p.name}: differs from {sent_by_uid[uid].name}: {diffs[:5]}")
+    if expect_all:
+        missing = sorted(set(sent_by_uid) - seen)
+        if missing:
+            names = [sent_by_uid[u].name for u in missing]
+            problems.append(f"{len(missing)} of {len(sent_by_uid)} sent files missing: {names}")
+    assert not problems, "\n".join(problems)
+    return seen
+
+
+# --------------------------------------------------------------------------- TOML
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | os.PathLike):
+        return json.dumps(str(v))
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+# keys of a [[route]] / [[listener]] entry written as a sub-table rather than inline
+_SUBTABLES = {"backend_tls"}
+
+
+def to_toml(config: dict) -> str:
+    """Write the DESIGN §4 config shape: top-level tables, arrays of tables, and
+    ``[route.backend_tls]`` sub-tables. Values that are dicts elsewhere are inline."""
+    lines: list[str] = []
+    for section, body in config.items():
+        if isinstance(body, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+            lines.append("")
+        elif isinstance(body, list):
+            for entry in body:
+                lines.append(f"[[{section}]]")
+                subs = {}
+                for k, v in entry.items():
+                    if k in _SUBTABLES and isinstance(v, dict):
+                        subs[k] = v
+                    else:
+                        lines.append(f"{k} = {_toml_value(v)}")
+                for k, v in subs.items():
+                    lines.append(f"[{section}.{k}]")
+                    lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+                lines.append("")
+        else:
+            lines.append(f"{section} = {_toml_value(body)}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- config pieces
+
+
+def tls_listener(pki: PKI, name: str = "tls", client_cert: str = "required", **extra) -> dict:
+    return {
+        "name": name,
+        "tls": True,
+        "client_cert": client_cert,
+        "trust": str(pki.client_ca),
+        "certificates": [
+            {"cert": str(pki.gateway_server.cert), "key": str(pki.gateway_server.key)}
+        ],
+        **extra,
+    }
+
+
+def plain_listener(name: str = "plain", **extra) -> dict:
+    return {"name": name, "tls": False, **extra}
+
+
+def route(
+    name: str,
+    called_ae: str,
+    backend_port: int,
+    *,
+    listeners: Sequence[str] | None = None,
+    calling_ae: Sequence[str] | None = None,
+    backend_called_ae: str | None = None,
+    backend_calling_ae: str | None = None,
+    backend_tls: dict | None = None,
+    **extra,
+) -> dict:
+    r: dict = {"name": name, "called_ae": called_ae}
+    if calling_ae is not None:
+        r["calling_ae"] = list(calling_ae)
+    if listeners is not None:
+        r["listeners"] = list(listeners)
+    r.update(extra)
+    backend: dict = {"host": HOST, "port": backend_port}
+    if backend_called_ae:
+        backend["called_ae"] = backend_called_ae
+    if backend_calling_ae:
+        backend["calling_ae"] = backend_calling_ae
+    r["backend"] = backend
+    if backend_tls is not None:
+        r["backend_tls"] = backend_tls
+    return r
+
+
+def backend_tls(pki: PKI, *, mutual: bool = True) -> dict:
+    t = {"verify": "chain", "ca": str(pki.backend_ca), "server_name": "localhost"}
+    if mutual:
+        t["cert"] = str(pki.gateway_client.cert)
+        t["key"] = str(pki.gateway_client.key)
+    return t
+
+
+# --------------------------------------------------------------------------- pynetdicom SCU
+
+
+@dataclass
+class SCUResult:
+    """What a pynetdicom SCU association attempt produced."""
+
+    assoc: object
+    raw_received: list[bytes]
+
+    @property
+    def established(self) -> bool:
+        return bool(self.assoc.is_established)
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.assoc.is_rejected)
+
+    def reject_triplet(self) -> tuple[int, int, int] | None:
+        """(result, source, reason) of the A-ASSOCIATE-RJ, if rejected."""
+        if not self.assoc.is_rejected:
+            return None
+        p = self.assoc.acceptor.primitive
+        return int(p.result), int(p.result_source), int(p.diagnostic)
+
+    def ac_ae_titles(self) -> tuple[str, str] | None:
+        """(called, calling) AE titles in the raw A-ASSOCIATE-AC (bytes 11-42)."""
+        for pdu in self.raw_received:
+            if pdu[:1] == b"\x02" and len(pdu) >= 42:
+                return pdu[10:26].decode("ascii").strip(), pdu[26:42].decode("ascii").strip()
+        return None
+
+    def state(self) -> str:
+        a = self.assoc
+        return (
+            f"established={a.is_established} rejected={a.is_rejected} "
+            f"aborted={a.is_aborted} released={a.is_released} triplet={self.reject_triplet()}"
+        )
+
+
+def scu_associate(
+    port: int,
+    called_ae: str,
+    *,
+    calling_ae: str = "CT01",
+    ssl_context=None,
+    server_hostname: str = "localhost",
+    contexts: Sequence[str] | None = None,
+) -> SCUResult:
+    """Associate with a pynetdicom SCU (TLS when ``ssl_context`` is given)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = 15
+    ae.dimse_timeout = 30
+    ae.network_timeout = 30
+    ae.connection_timeout = 10
+    for cx in contexts or (
+        Verification,
+        CTImageStorage,
+        PatientRootQueryRetrieveInformationModelFind,
+    ):
+        ae.add_requested_context(cx)
+    raw: list[bytes] = []
+
+    def on_data(event):
+        raw.append(bytes(event.data))
+
+    kwargs = {}
+    if ssl_context is not None:
+        kwargs["tls_args"] = (ssl_context, server_hostname)
+    assoc = ae.associate(
+        HOST, port, ae_title=called_ae, evt_handlers=[(evt.EVT_DATA_RECV, on_data)], **kwargs
+    )
+    return SCUResult(assoc, raw)
+
+
+def find_patients(assoc, patient_id: str = "*") -> tuple[list[Dataset], list[int]]:
+    """C-FIND at PATIENT level; (matches, statuses)."""
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "PATIENT"
+    q.PatientID = patient_id
+    q.PatientName = ""
+    matches, statuses = [], []
+    for status, ident in assoc.send_c_find(q, PatientRootQueryRetrieveInformationModelFind):
+        statuses.append(int(status.Status) if status else -1)
+        if status and status.Status in (0xFF00, 0xFF01) and ident is not None:
+            matches.append(ident)
+    return matches, statuses
