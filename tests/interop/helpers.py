@@ -662,3 +662,101 @@ def find_patients(assoc, patient_id: str = "*") -> tuple[list[Dataset], list[int
         if status and status.Status in (0xFF00, 0xFF01) and ident is not None:
             matches.append(ident)
     return matches, statuses
+
+
+def assert_prefix_stored(outdir: Path, sent: Sequence[Path], n: int) -> None:
+    """The first ``n`` sent files are all stored in ``outdir`` and identical as datasets.
+
+    Other files in ``outdir`` (e.g. one half-written when the SCP was killed) are
+    ignored: this is the "no file reported stored that the receiver does not have" check.
+    """
+    have: dict[str, Path] = {}
+    for p in stored_files(outdir):
+        try:
+            have[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] = p
+        except Exception:
+            continue
+    problems = []
+    for p in sent[:n]:
+        ds = dcmread(p)
+        got = have.get(str(ds.SOPInstanceUID))
+        if got is None:
+            problems.append(f"{p.name} reported stored but not in {outdir}")
+            continue
+        diffs = datasets_differences(ds, dcmread(got))
+        if diffs:
+            problems.append(f"{p.name} stored as {got.name} but differs: {diffs[:5]}")
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def movescu_args(
+    host: str,
+    port: int,
+    called_ae: str,
+    incoming_port: int,
+    outdir: Path,
+    patient_id: str,
+    *,
+    calling_ae: str = "MODALITY",
+    move_destination: str = "MODALITY",
+) -> list[str | os.PathLike | int]:
+    """DCMTK movescu (patient root, PATIENT level), its own storage SCP on ``incoming_port``."""
+    return [
+        "movescu",
+        "-v",
+        "-P",
+        "-aet",
+        calling_ae,
+        "-aec",
+        called_ae,
+        "-aem",
+        move_destination,
+        "--port",
+        incoming_port,
+        "-od",
+        outdir,
+        "-k",
+        "QueryRetrieveLevel=PATIENT",
+        "-k",
+        f"PatientID={patient_id}",
+        host,
+        port,
+    ]
+
+
+def store_and_kill_backend(
+    storescu_args: Sequence[str | os.PathLike | int],
+    backend,
+    *,
+    after_files: int = 3,
+    timeout: float = 60,
+) -> tuple[int, str, int]:
+    """Run storescu in the background; SIGKILL ``backend`` (has .files() and .kill()) as
+    soon as ``after_files`` files arrived. Returns (storescu rc, output, files at kill)."""
+    args = [str(a) for a in storescu_args]
+    if "/" not in args[0]:
+        args[0] = dcmtk(args[0])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dcmtk_env())
+    n_at_kill = -1
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            n = len(backend.files())
+            if n >= after_files:
+                backend.kill()
+                n_at_kill = n
+                break
+            time.sleep(0.005)
+        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return -999, "TIMEOUT\n" + out.decode(errors="replace"), n_at_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out.decode(errors="replace"), n_at_kill
