@@ -110,6 +110,7 @@ ASSOCIATE_FIXED_LENGTH = _ASSOCIATE_FIXED.size  # 68: the least an RQ/AC body ca
 _FOUR_BYTES = struct.Struct(">BBBB")  # RJ body; presentation context item fixed part
 _ABORT_BODY = struct.Struct(">2sBB")  # reserved (2), source, reason
 _PDV_HEADER = struct.Struct(">LBB")  # item length, context ID, message control header
+_PDV_HEADER_LENGTH = _PDV_HEADER.size
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">L")
 _TWO_U16 = struct.Struct(">HH")
@@ -453,12 +454,12 @@ def _decode_p_data(mv: memoryview, header_reserved: int) -> PDataTF:
     pos = PDU_HEADER_LENGTH
     end = len(mv)
     while pos < end:
-        if end - pos < _PDV_HEADER.size:
+        if end - pos < 4:
             raise _invalid(
-                f"P-DATA-TF: {end - pos} trailing byte(s) are too short for a PDV item header",
+                f"P-DATA-TF: {end - pos} trailing byte(s) are too short for a PDV item length",
                 pos,
             )
-        length, context_id, control = _PDV_HEADER.unpack_from(mv, pos)
+        (length,) = _U32.unpack_from(mv, pos)
         if length < 2:
             raise _invalid(
                 f"P-DATA-TF: PDV item length {length} is less than 2 (context ID and "
@@ -472,7 +473,8 @@ def _decode_p_data(mv: memoryview, header_reserved: int) -> PDataTF:
                 f"({end - pos - 4} bytes remain)",
                 pos,
             )
-        pdvs.append(PDV(context_id, control, bytes(mv[pos + _PDV_HEADER.size : data_end])))
+        context_id, control = mv[pos + 4], mv[pos + 5]
+        pdvs.append(PDV(context_id, control, bytes(mv[pos + _PDV_HEADER_LENGTH : data_end])))
         pos = data_end
     return PDataTF(tuple(pdvs), header_reserved=header_reserved)
 
@@ -587,25 +589,36 @@ def _encode_sub_item(sub: SubItem) -> bytes:
 
 def _layout_order(
     layout: tuple[tuple[int, int], ...] | None,
-    syntaxes: list[tuple[int, str]],
+    abstract: str | None,
+    transfer: tuple[str, ...],
     extra: tuple[UnknownItem, ...],
 ) -> list[tuple[int, int, bytes]] | None:
-    """Sub-items in the recorded wire order, or ``None`` if the layout no longer fits.
+    """Sub-items as ``(type, reserved, data)`` in the recorded wire order.
 
-    ``syntaxes`` lists the abstract/transfer syntax sub-items as (type, value) in
-    canonical order; the layout fits when it names exactly these, in the same
-    relative order, and the extra items in theirs.
+    Returns ``None`` when the layout no longer fits the fields (they were changed
+    with ``dataclasses.replace``): it must name the abstract syntax exactly once
+    if there is one, as many transfer syntaxes as there are (taken in order) and
+    the extra items in their order.
     """
-    if layout is None or len(layout) != len(syntaxes) + len(extra):
+    if layout is None:
+        return None
+    expected = (abstract is not None) + len(transfer) + len(extra)
+    if len(layout) != expected:
         return None
     out: list[tuple[int, int, bytes]] = []
-    next_syntax = next_extra = 0
+    abstract_done = False
+    next_transfer = next_extra = 0
     for item_type, reserved in layout:
-        if item_type in (ItemType.ABSTRACT_SYNTAX, ItemType.TRANSFER_SYNTAX):
-            if next_syntax >= len(syntaxes) or syntaxes[next_syntax][0] != item_type:
+        if item_type == ItemType.ABSTRACT_SYNTAX:
+            if abstract is None or abstract_done:
                 return None
-            out.append((item_type, reserved, _latin1(syntaxes[next_syntax][1])))
-            next_syntax += 1
+            abstract_done = True
+            out.append((item_type, reserved, _latin1(abstract)))
+        elif item_type == ItemType.TRANSFER_SYNTAX:
+            if next_transfer >= len(transfer):
+                return None
+            out.append((item_type, reserved, _latin1(transfer[next_transfer])))
+            next_transfer += 1
         else:
             if next_extra >= len(extra) or extra[next_extra].item_type != item_type:
                 return None
@@ -617,12 +630,17 @@ def _layout_order(
 
 def _encode_sub_items(
     layout: tuple[tuple[int, int], ...] | None,
-    syntaxes: list[tuple[int, str]],
+    abstract: str | None,
+    transfer: tuple[str, ...],
     extra: tuple[UnknownItem, ...],
 ) -> bytes:
-    ordered = _layout_order(layout, syntaxes, extra)
+    ordered = _layout_order(layout, abstract, transfer, extra)
     if ordered is None:
-        ordered = [(t, 0, _latin1(value)) for t, value in syntaxes]
+        # Canonical order (PS3.8 table 9-13): abstract syntax, transfer syntaxes.
+        ordered = []
+        if abstract is not None:
+            ordered.append((ItemType.ABSTRACT_SYNTAX, 0, _latin1(abstract)))
+        ordered.extend((ItemType.TRANSFER_SYNTAX, 0, _latin1(ts)) for ts in transfer)
         ordered.extend((u.item_type, u.reserved, u.data) for u in extra)
     return b"".join(_item(t, r, data) for t, r, data in ordered)
 
@@ -631,26 +649,24 @@ def _encode_item(item: Item) -> bytes:
     if isinstance(item, ApplicationContextItem):
         return _item(item.item_type, item.reserved, _latin1(item.name))
     if isinstance(item, PresentationContextRQItem):
-        syntaxes = [(int(ItemType.ABSTRACT_SYNTAX), item.abstract_syntax)]
-        syntaxes.extend((ItemType.TRANSFER_SYNTAX, ts) for ts in item.transfer_syntaxes)
         fixed = _fixed_bytes(item.reserved_body, 3, "reserved_body")
         data = b"".join(
             (
                 bytes((item.context_id,)),
                 fixed,
-                _encode_sub_items(item.layout, syntaxes, item.extra_items),
+                _encode_sub_items(
+                    item.layout, item.abstract_syntax, item.transfer_syntaxes, item.extra_items
+                ),
             )
         )
         return _item(item.item_type, item.reserved, data)
     if isinstance(item, PresentationContextACItem):
-        syntaxes = []
-        if item.transfer_syntax is not None:
-            syntaxes.append((int(ItemType.TRANSFER_SYNTAX), item.transfer_syntax))
+        transfer = () if item.transfer_syntax is None else (item.transfer_syntax,)
         r5, r7 = _fixed_bytes(item.reserved_body, 2, "reserved_body")
         data = b"".join(
             (
                 _FOUR_BYTES.pack(item.context_id, r5, item.result, r7),
-                _encode_sub_items(item.layout, syntaxes, item.extra_items),
+                _encode_sub_items(item.layout, None, transfer, item.extra_items),
             )
         )
         return _item(item.item_type, item.reserved, data)

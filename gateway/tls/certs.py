@@ -105,9 +105,7 @@ def load_certificates(path: Path | str, password: bytes | None = None) -> list[x
     try:
         return [x509.load_der_x509_certificate(data)]
     except ValueError:
-        raise CertificateError(
-            f"{p}: not a certificate (neither PEM, DER nor PKCS#12)"
-        ) from None
+        raise CertificateError(f"{p}: not a certificate (neither PEM, DER nor PKCS#12)") from None
 
 
 def _parse_pkcs12(
@@ -171,9 +169,7 @@ def load_private_key(path: Path | str, password: bytes | None = None) -> Private
         ) from exc
     except ValueError as exc:
         if password is not None:
-            raise CertificateError(
-                f"{p}: private key unreadable (wrong password?)"
-            ) from exc
+            raise CertificateError(f"{p}: private key unreadable (wrong password?)") from exc
         raise CertificateError(f"{p}: not a readable private key ({exc})") from exc
     except Exception as exc:  # unsupported algorithm and the like
         raise CertificateError(f"{p}: not a readable private key ({exc})") from exc
@@ -449,4 +445,3 @@ def is_ip_address(text: str) -> bool:
     except ValueError:
         return False
     return True
-

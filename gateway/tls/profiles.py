@@ -214,7 +214,7 @@ def parse_version(text: str) -> int:
         return VERSIONS[key]
     except KeyError:
         raise ValueError(
-            f"unknown TLS version {text!r}; use one of 1.0, 1.1, 1.2, 1.3 (e.g. \"TLSv1.2\")"
+            f'unknown TLS version {text!r}; use one of 1.0, 1.1, 1.2, 1.3 (e.g. "TLSv1.2")'
         ) from None
 
 

@@ -23,6 +23,7 @@ trio.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable
 from typing import TypeVar
@@ -272,7 +273,7 @@ class TLSStream(trio.abc.Stream):
         reasons = _ossl.error_reasons(exc)
         texts = [r.lower() for r in reasons]
         for text in texts:
-            if "peer did not return a certificate" in text or "certificate required" == text:
+            if "peer did not return a certificate" in text or text == "certificate required":
                 return "peer sent no certificate"
             if "certificate verify failed" in text:
                 code = _ossl.verify_result(self._conn)
@@ -516,10 +517,8 @@ class TLSStream(trio.abc.Stream):
             await trio.aclose_forcefully(self._transport)
             return
         try:
-            try:
+            with contextlib.suppress(SSL.Error):
                 self._conn.shutdown()
-            except SSL.Error:
-                pass
             data = self._drain_outgoing()
             if data:
                 async with self._inner_send_lock:

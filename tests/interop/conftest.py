@@ -283,6 +283,7 @@ class PynetdicomSCP:
     move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     seen: list[SeenAssociation] = field(default_factory=list)
     stored: list[Dataset] = field(default_factory=list)
+    pdu_types: list[int] = field(default_factory=list)  # first byte of every PDU received
     echoes: int = 0
     server: object = None
     ae: AE | None = None
@@ -290,6 +291,10 @@ class PynetdicomSCP:
     def _on_requested(self, event) -> None:
         rq = event.assoc.requestor.primitive
         self.seen.append(SeenAssociation(_ae_str(rq.called_ae_title), _ae_str(rq.calling_ae_title)))
+
+    def _on_data(self, event) -> None:
+        if event.data:
+            self.pdu_types.append(event.data[0])
 
     def _on_echo(self, event) -> int:
         self.echoes += 1
@@ -359,6 +364,7 @@ class PynetdicomSCP:
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -455,6 +461,7 @@ class GatewayProcess:
     ports: dict[str, int]
     stdout: Path
     stderr: Path
+    config: dict = field(default_factory=dict)
 
     def port(self, listener: str) -> int:
         return self.ports[listener]
@@ -496,6 +503,24 @@ class GatewayProcess:
                 return found
             time.sleep(0.1)
 
+    def crashes(self) -> list[dict]:
+        """Log records of unexpected gateway failures (``*.crashed`` / critical)."""
+        return [
+            r
+            for r in self.logs()
+            if "crash" in str(r.get("event", "")) or r.get("level") == "critical"
+        ]
+
+    def write_config(self, config: dict | str) -> None:
+        """Replace the config file (a dict in the §4 shape, or raw text) -- then SIGHUP."""
+        text = config if isinstance(config, str) else to_toml(config)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
     def stop(self) -> int | None:
         ProcessTracker.stop(self.proc)
         return self.proc.returncode
@@ -512,6 +537,7 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
     if not gateway_available():
         pytest.fail("gateway package has no gateway/__main__.py or gateway/cli.py yet")
     n = 0
+    started: list[GatewayProcess] = []
 
     def start(
         listeners: Sequence[dict],
@@ -541,7 +567,7 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
         proc, out, err = procs.spawn(
             gateway_command("run", cfg), f"gateway{n}", env=gateway_env(), cwd=MAIN
         )
-        gw = GatewayProcess(proc, cfg, ports, out, err)
+        gw = GatewayProcess(proc, cfg, ports, out, err, config)
         if not wait_listening(ports.values(), proc, 10):
             rc = proc.poll()
             ProcessTracker.stop(proc)
@@ -549,6 +575,17 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
                 f"gateway did not listen on {ports} within 10 s (rc={rc})\n"
                 f"--- config ---\n{cfg.read_text()}\n{gw.output()}"
             )
+        started.append(gw)
         return gw
 
-    return start
+    yield start
+    # A test that "passed" while the gateway crashed internally (e.g. a negative test
+    # where any failure looks right) is reported as an error at teardown.
+    crashed = [(gw, gw.crashes()) for gw in started]
+    crashed = [(gw, c) for gw, c in crashed if c]
+    if crashed:
+        pytest.fail(
+            "gateway logged crashes:\n"
+            + "\n".join(json.dumps(r)[:3000] for _, c in crashed for r in c),
+            pytrace=False,
+        )

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -168,6 +168,13 @@ class PKI:
     client2: CertKey  # CN MR01, by client_ca
     evil_client: CertKey  # CN CT01, by evil_ca
     backend_server: CertKey  # SAN localhost, 127.0.0.1, by backend_ca
+    cas: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def issue_server_cert(self, ca: str, directory: Path, stem: str) -> CertKey:
+        """A fresh server cert (SAN localhost, 127.0.0.1) from CA ``gateway``/``backend``."""
+        return self.cas[ca].issue(
+            directory, stem, "localhost", dns=["localhost"], ips=["127.0.0.1"]
+        )
 
 
 def _name(cn: str) -> x509.Name:
@@ -306,6 +313,7 @@ def make_pki(directory: Path) -> PKI:
         client2=client_ca.issue(directory, "client-mr01", "MR01"),
         evil_client=evil_ca.issue(directory, "evil-ct01", "CT01"),
         backend_server=backend_ca.issue(directory, "backend-server", "localhost", **server_names),
+        cas={"gateway": gateway_ca, "backend": backend_ca, "client": client_ca, "evil": evil_ca},
     )
 
 

@@ -1,0 +1,135 @@
+"""One side of an established association disappears: the other side gets A-ABORT and
+no sender believes a transfer succeeded that the receiver did not get (DESIGN §2)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from .helpers import (
+    HOST,
+    MB,
+    assert_prefix_stored,
+    count_store_successes,
+    dcmtk,
+    dcmtk_env,
+    plain_listener,
+    route,
+    scu_associate,
+    store_and_kill_backend,
+    stored_files,
+    tls_listener,
+)
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
+
+KILL_SIZES = [10 * 1024] * 3 + [16 * MB] * 6
+
+
+def _assert_aborted_logged(gw) -> None:
+    assert gw.wait_for_event("association.aborted"), (
+        "no JSON log line with event 'association.aborted'\n" + gw.output()
+    )
+
+
+def test_backend_killed_mid_storescu_transfer(pki, storescp, gateway, dicom_files):
+    files = dicom_files("kill", KILL_SIZES)
+    scp = storescp()
+    gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
+    rc, out, n_at_kill = store_and_kill_backend(
+        [
+            "storescu",
+            "-v",
+            *pki.client.dcmtk_tls,
+            "+cf",
+            pki.gateway_ca,
+            "-aet",
+            "CT01",
+            "-aec",
+            "ARCHIVE",
+            HOST,
+            gw.port("tls"),
+            *files,
+        ],
+        scp,
+        after_files=3,
+    )
+    assert n_at_kill >= 3, "storescu finished before the backend was killed\n" + out
+    assert rc != 0, out + gw.output()
+    successes = count_store_successes(out)
+    assert successes < len(files), out
+    # every C-STORE reported successful is really in the backend's directory
+    assert successes <= len(stored_files(scp.outdir)), out
+    assert_prefix_stored(scp.outdir, files, successes)
+    _assert_aborted_logged(gw)
+
+
+def test_backend_killed_mid_transfer_plain(storescp, gateway, dicom_files):
+    files = dicom_files("kill", KILL_SIZES)
+    scp = storescp()
+    gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
+    rc, out, n_at_kill = store_and_kill_backend(
+        ["storescu", "-v", "-aec", "ARCHIVE", HOST, gw.port("plain"), *files], scp, after_files=3
+    )
+    assert n_at_kill >= 3, out
+    assert rc != 0, out + gw.output()
+    successes = count_store_successes(out)
+    assert successes < len(files)
+    assert_prefix_stored(scp.outdir, files, successes)
+    _assert_aborted_logged(gw)
+
+
+def test_client_killed_mid_transfer_backend_gets_abort(
+    pki, pynetdicom_scp, gateway, procs, dicom_files
+):
+    """SIGKILL storescu mid-transfer: the backend must receive an A-ABORT PDU (0x07)."""
+    files = dicom_files("kill", KILL_SIZES)
+    scp = pynetdicom_scp("ARCHIVE")
+    gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
+    proc, out, _err = procs.spawn(
+        [
+            dcmtk("storescu"),
+            "-v",
+            *pki.client.dcmtk_tls,
+            "+cf",
+            pki.gateway_ca,
+            "-aet",
+            "CT01",
+            "-aec",
+            "ARCHIVE",
+            HOST,
+            gw.port("tls"),
+            *files,
+        ],
+        "storescu-victim",
+        env=dcmtk_env(),
+    )
+    deadline = time.monotonic() + 60
+    while len(scp.stored) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "storescu finished before it could be killed\n" + out.read_text()
+    proc.kill()
+    proc.wait(5)
+    deadline = time.monotonic() + 10
+    while 0x07 not in scp.pdu_types and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0x07 in scp.pdu_types, (
+        f"backend never received A-ABORT; PDU types seen: {sorted(set(scp.pdu_types))}\n"
+        + gw.output()
+    )
+    _assert_aborted_logged(gw)
+
+
+def test_gateway_still_serves_after_abort(storescp, gateway, dicom_files):
+    """After an aborted association the gateway keeps accepting new ones."""
+    files = dicom_files("kill", KILL_SIZES)
+    scp = storescp()
+    gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
+    store_and_kill_backend(
+        ["storescu", "-aec", "ARCHIVE", HOST, gw.port("plain"), *files], scp, after_files=3
+    )
+    res = scu_associate(gw.port("plain"), "ARCHIVE")
+    # backend is gone: transient reject, but the gateway answered
+    assert res.reject_triplet() == (2, 3, 1), res.state() + gw.output()
+    assert gw.proc.poll() is None, gw.output()
