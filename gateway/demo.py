@@ -77,6 +77,10 @@ def _client(config: Config, certs: Path, port: int, called_ae: str) -> dict[str,
     return out
 
 
+def _status(value: int | None) -> str:
+    return "none" if value is None else f"0x{value:04X}"
+
+
 def run_demo(config_path: Path | None = None) -> int:
     """Run the demo; return the process exit status."""
     from pynetdicom import AE, evt
@@ -145,9 +149,8 @@ def run_demo(config_path: Path | None = None) -> int:
     for name, fields in events:
         print(f"  event        {name} {fields}")
     echo, store = result.get("echo"), result.get("store")
-    print(f"  C-ECHO       status {'0x%04X' % echo if echo is not None else 'none'}")
-    print(f"  C-STORE      status {'0x%04X' % store if store is not None else 'none'}; "
-          f"the SCP stored {len(stored)} instance(s)")
+    print(f"  C-ECHO       status {_status(echo)}")
+    print(f"  C-STORE      status {_status(store)}; the SCP stored {len(stored)} instance(s)")
     ok = echo == 0 and store == 0 and len(stored) == 1
     print("  result       " + ("OK" if ok else f"FAILED {result.get('error', '')}"))
     return 0 if ok else 1

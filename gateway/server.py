@@ -149,8 +149,9 @@ class GatewayServer:
                     ]
                     for tl in listeners:
                         accept.start_soon(self._accept_loop, lst.name, tl, conns)
-                    log.info("listener.started", listener=lst.name, address=f"{lst.host}:{lst.port}",
-                             tls=lst.tls, profile=lst.profile if lst.tls else None)
+                    log.info("listener.started", listener=lst.name,
+                             address=f"{lst.host}:{lst.port}", tls=lst.tls,
+                             profile=lst.profile if lst.tls else None)
                 log.info("gateway.started", listeners=len(self.bound),
                          routes=len(self.runtime.config.routes), pid=os.getpid())
                 task_status.started()

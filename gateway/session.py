@@ -175,9 +175,8 @@ class Association:
 
     async def _run(self) -> None:
         # Every step before the relay is bounded: handshake, ARTIM, connect, answer.
-        if self.listener.tls:
-            if not await self._handshake():
-                return
+        if self.listener.tls and not await self._handshake():
+            return
         with structlog.contextvars.bound_contextvars(**self._tls_fields()):
             raw = await self._read_request()
             if raw is None:

@@ -72,7 +72,9 @@ def test_basic_profile_unavailable_is_explained_or_works() -> None:
         # cryptography's OpenSSL build has no 3DES: say so, naming the suite.
         assert "DES-CBC3-SHA" in str(exc) and "OpenSSL" in str(exc)
         with pytest.raises(TLSError, match="DES-CBC3-SHA"):
-            build_server(ServerTLSSettings(identities=(ident(),), profile="basic"))
+            build_server(
+                ServerTLSSettings(identities=(ident(),), profile="basic", client_cert="none")
+            )
 
 
 async def negotiate(
@@ -191,7 +193,9 @@ async def test_min_version_override_refuses_tls12() -> None:
 def test_min_version_above_profile_max() -> None:
     with pytest.raises(TLSError, match="above what profile 'bcp195-ex' allows"):
         build_server(
-            ServerTLSSettings(identities=(ident(),), profile="bcp195-ex", min_version="1.3")
+            ServerTLSSettings(
+                identities=(ident(),), profile="bcp195-ex", min_version="1.3", client_cert="none"
+            )
         )
 
 
@@ -227,7 +231,7 @@ def test_missing_certificate_file_named() -> None:
 
 
 def test_missing_trust_file_named(tmp_path: Path) -> None:
-    with pytest.raises(CertificateError, match="ca-missing.pem: certificate file not found"):
+    with pytest.raises(CertificateError, match=r"ca-missing\.pem: certificate file not found"):
         build_server(ServerTLSSettings(identities=(ident(),), trust=tmp_path / "ca-missing.pem"))
 
 
@@ -243,7 +247,9 @@ def test_trust_required_when_verifying_in_handshake() -> None:
 def test_mismatched_key_named() -> None:
     pki = get_pki()
     with pytest.raises(CertificateError, match=r"a\.key: private key does not match certificate"):
-        build_server(ServerTLSSettings(identities=(Identity(pki.server, pki.a_key),)))
+        build_server(
+            ServerTLSSettings(identities=(Identity(pki.server, pki.a_key),), client_cert="none")
+        )
 
 
 def test_encrypted_key_and_wrong_password(tmp_path: Path) -> None:
@@ -252,7 +258,8 @@ def test_encrypted_key_and_wrong_password(tmp_path: Path) -> None:
     key.write_bytes(key_pem(key_for("server"), b"s3cret"))
     good = Identity(pki.server, key, key_password=b"s3cret")
     build_server(ServerTLSSettings(identities=(good,), client_cert="none"))
-    with pytest.raises(CertificateError, match=r"enc\.key: private key unreadable \(wrong password"):
+    expected = r"enc\.key: private key unreadable \(wrong password"
+    with pytest.raises(CertificateError, match=expected):
         build_server(
             ServerTLSSettings(
                 identities=(Identity(pki.server, key, key_password=b"nope"),), client_cert="none"
@@ -332,3 +339,9 @@ def test_server_context_used_twice_is_fine() -> None:
     )
     for _ in range(3):
         server.new_connection()
+
+
+@trio_test
+async def test_no_shared_cipher_reason() -> None:
+    got = await negotiate("bcp195-rfc8996", V.TLSv1_2, "AES128-SHA")
+    assert got == "no shared cipher"

@@ -453,8 +453,16 @@ async def test_echoscu_tls_handshake_interop() -> None:
             n.start_soon(serve)
             await trio.run_process(
                 [
-                    "echoscu", "-to", "5", "+tls", str(pki.client_key), str(pki.client),
-                    "+cf", str(pki.ca), "127.0.0.1", str(port),
+                    "echoscu",
+                    "-to",
+                    "5",
+                    "+tls",
+                    str(pki.client_key),
+                    str(pki.client),
+                    "+cf",
+                    str(pki.ca),
+                    "127.0.0.1",
+                    str(port),
                 ],
                 env=env,
                 capture_stdout=True,
@@ -559,7 +567,8 @@ async def test_client_untrusted_server_fails_handshake() -> None:
 
         async with trio.open_nursery() as n:
             n.start_soon(server)
-            with pytest.raises(TLSError, match="certificate verify failed: (self-signed|unable to get local)"):
+            expected = r"certificate verify failed: (self-signed|unable to get local)"
+            with pytest.raises(TLSError, match=expected):
                 await cli.do_handshake()
 
 

@@ -238,9 +238,14 @@ def parse_thumbprint(text: str) -> tuple[str, bytes]:
     original = text
     s = text.strip()
     algo: str | None = None
-    m = re.match(r"^\s*(sha-?\d+)\s*[:=]\s*", s, re.IGNORECASE)
-    if m and m.group(1).lower().replace("-", "") in _DIGEST_SIZES:
+    m = re.match(r"^([A-Za-z][A-Za-z0-9-]*)\s*[:=]\s*", s)
+    # "AB:CD:..." also looks like "name:"; only a non-hex name is a hash prefix.
+    if m and not re.fullmatch(r"[0-9a-fA-F]+", m.group(1)):
         algo = m.group(1).lower().replace("-", "")
+        if algo not in _DIGEST_SIZES:
+            raise ValueError(
+                f"thumbprint {original!r}: unknown hash {m.group(1)!r}; use sha256 or sha1"
+            )
         s = s[m.end() :]
     digits = re.sub(r"[\s:]", "", s)
     if not digits:

@@ -315,10 +315,6 @@ def build_server(settings: ServerTLSSettings) -> ServerTLS:
     except ValueError as exc:
         raise TLSError(str(exc)) from None
     asks = settings.client_cert != "none"
-    if asks and settings.verify_in_handshake and settings.trust is None:
-        raise CertificateError(
-            "listener verifies client certificates in the handshake but has no trust file"
-        )
     entries: list[tuple[tuple[str, ...], SSL.Context, x509.Certificate]] = []
     for ident in settings.identities:
         ctx = _base_context(profile, settings.min_version, settings.ciphers)
@@ -342,6 +338,12 @@ def build_server(settings: ServerTLSSettings) -> ServerTLS:
             ctx.set_verify(SSL.VERIFY_NONE)
         ctx.set_session_id(b"dicom-tls-gateway")
         entries.append((_sni_names(ident, leaf), ctx, leaf))
+    if asks and settings.verify_in_handshake and settings.trust is None:
+        # Every client chain would fail "unable to get local issuer certificate".
+        raise CertificateError(
+            "listener verifies client certificates in the handshake but has no trust file "
+            '(set trust, or client_cert = "none", or verify after the handshake)'
+        )
     return ServerTLS(settings, entries)
 
 

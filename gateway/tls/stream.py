@@ -266,14 +266,16 @@ class TLSStream(trio.abc.Stream):
 
     def _describe_failure(self, exc: BaseException) -> str:
         """Turn an OpenSSL handshake error into a reason an operator can act on."""
-        if isinstance(exc, SSL.SysCallError) or self._transport_eof:
-            reasons = _ossl.error_reasons(exc)
-            if isinstance(exc, SSL.SysCallError) or any("eof" in r.lower() for r in reasons):
-                return "peer closed during handshake"
         reasons = _ossl.error_reasons(exc)
         texts = [r.lower() for r in reasons]
+        # The transport ended before the handshake did (SysCallError is how
+        # pyOpenSSL reports an EOF fed through bio_shutdown()).
+        if isinstance(exc, SSL.SysCallError) or (
+            self._transport_eof and any("eof" in t for t in texts)
+        ):
+            return "peer closed during handshake"
         for text in texts:
-            if "peer did not return a certificate" in text or text == "certificate required":
+            if "peer did not return a certificate" in text:
                 return "peer sent no certificate"
             if "certificate verify failed" in text:
                 code = _ossl.verify_result(self._conn)

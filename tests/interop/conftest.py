@@ -285,6 +285,7 @@ class PynetdicomSCP:
     stored: list[Dataset] = field(default_factory=list)
     pdu_types: list[int] = field(default_factory=list)  # first byte of every PDU received
     echoes: int = 0
+    store_delay: float = 0.0  # seconds each C-STORE handler sleeps (slow backend)
     server: object = None
     ae: AE | None = None
 
@@ -301,6 +302,8 @@ class PynetdicomSCP:
         return 0x0000
 
     def _on_store(self, event) -> int:
+        if self.store_delay:
+            time.sleep(self.store_delay)
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.stored.append(ds)
@@ -394,10 +397,15 @@ def pynetdicom_scp():
         ssl_context: ssl.SSLContext | None = None,
         instances: Sequence[Path | Dataset] = (),
         move_destinations: dict[str, tuple[str, int]] | None = None,
+        store_delay: float = 0.0,
     ) -> PynetdicomSCP:
         loaded = [dcmread(i) if isinstance(i, Path | str) else i for i in instances]
         scp = PynetdicomSCP(
-            ae_title, free_port(), instances=loaded, move_destinations=move_destinations or {}
+            ae_title,
+            free_port(),
+            instances=loaded,
+            move_destinations=move_destinations or {},
+            store_delay=store_delay,
         )
         started.append(scp)
         scp.start(ssl_context)

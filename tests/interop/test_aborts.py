@@ -3,9 +3,11 @@ no sender believes a transfer succeeded that the receiver did not get (DESIGN §
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
+from pydicom import dcmread
 
 from .helpers import (
     HOST,
@@ -133,3 +135,43 @@ def test_gateway_still_serves_after_abort(storescp, gateway, dicom_files):
     # backend is gone: transient reject, but the gateway answered
     assert res.reject_triplet() == (2, 3, 1), res.state() + gw.output()
     assert gw.proc.poll() is None, gw.output()
+
+
+def test_backend_killed_pynetdicom_client_receives_a_abort(storescp, gateway, dicom_files):
+    """On the wire: the client gets an A-ABORT PDU (0x07), and no C-STORE after the
+    kill is reported successful."""
+    files = dicom_files("kill", KILL_SIZES)
+    scp = storescp()
+    gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
+    res = scu_associate(gw.port("plain"), "ARCHIVE")
+    assert res.established, res.state() + gw.output()
+
+    def killer():
+        deadline = time.monotonic() + 30
+        while len(scp.files()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        scp.kill()
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    ok = 0
+    try:
+        for p in files:
+            if not res.assoc.is_established:
+                break
+            status = res.assoc.send_c_store(dcmread(p))
+            if not status or status.Status != 0:
+                break
+            ok += 1
+    finally:
+        t.join(35)
+        if res.assoc.is_established:
+            res.assoc.abort()
+    assert ok < len(files), "every C-STORE succeeded although the backend was killed"
+    assert_prefix_stored(scp.outdir, files, ok)
+    deadline = time.monotonic() + 5
+    while not res.assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    types = sorted({pdu[0] for pdu in res.raw_received if pdu})
+    assert 0x07 in types, f"client got no A-ABORT PDU; PDU types received: {types}"
+    _assert_aborted_logged(gw)

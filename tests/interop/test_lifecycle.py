@@ -168,4 +168,43 @@ def test_sigterm_grace_expiry_aborts_without_false_success(storescp, gateway, pr
     assert successes < len(files)
     assert_prefix_stored(scp.outdir, files, successes)
     gw.proc.wait(10)
+    # every association's end is logged, also one cut by the grace period
     assert gw.events("association.aborted"), gw.output()
+
+
+def test_sigterm_grace_expiry_sends_a_abort_both_ways(pynetdicom_scp, gateway, small_files):
+    from pydicom import dcmread
+
+    from .helpers import scu_associate
+
+    scp = pynetdicom_scp("ARCHIVE", store_delay=0.7)
+    gw = gateway(
+        [plain_listener()],
+        [route("archive", "ARCHIVE", scp.port)],
+        settings={"shutdown_grace": 1},
+    )
+    res = scu_associate(gw.port("plain"), "ARCHIVE")
+    assert res.established, res.state() + gw.output()
+    ds = [dcmread(p) for p in small_files]
+    assert res.assoc.send_c_store(ds[0]).Status == 0
+    gw.signal(signal.SIGTERM)
+    ok = 1
+    try:
+        for _ in range(6):
+            if not res.assoc.is_established:
+                break
+            status = res.assoc.send_c_store(ds[ok % len(ds)])
+            if not status or status.Status != 0:
+                break
+            ok += 1
+    finally:
+        if res.assoc.is_established:
+            res.assoc.release()
+    assert ok < 7, "the association outlived the 1 s grace period\n" + gw.output()
+    assert len(scp.stored) >= ok
+    types = sorted({pdu[0] for pdu in res.raw_received if pdu})
+    assert 0x07 in types, f"client got no A-ABORT; PDU types: {types}\n{gw.output()}"
+    deadline = time.monotonic() + 5
+    while 0x07 not in scp.pdu_types and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 0x07 in scp.pdu_types, f"backend got no A-ABORT; {sorted(set(scp.pdu_types))}"
