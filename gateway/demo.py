@@ -146,8 +146,11 @@ def run_demo(config_path: Path | None = None) -> int:
     print(f"  listener     {tls_listener.name} 127.0.0.1:{tls_listener.port} (TLS)")
     print(f"  route        {route.name}: Called AE {route.called_ae} → "
           f"{route.backend.host}:{route.backend.port}")
+    shown = ("route", "calling_ae", "called_ae", "tls_version", "cipher", "client_subject",
+             "bytes_up", "bytes_down", "reason", "why")
     for name, fields in events:
-        print(f"  event        {name} {fields}")
+        detail = ", ".join(f"{k}={fields[k]}" for k in shown if k in fields)
+        print(f"  event        {name}: {detail}")
     echo, store = result.get("echo"), result.get("store")
     print(f"  C-ECHO       status {_status(echo)}")
     print(f"  C-STORE      status {_status(store)}; the SCP stored {len(stored)} instance(s)")
