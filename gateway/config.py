@@ -71,14 +71,35 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """DICOM audit trail (``[audit]``): RFC 5424 syslog over UDP/TLS, or a file."""
+
+    transport: Literal["off", "udp", "tls", "file"] = "off"
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+    ca: Path | None = None
+    server_name: str | None = None
+    certificate: CertificateConfig | None = None
+    queue_size: int = 1000
+    source_id: str = "dicom-gateway"
+    enterprise_site_id: str | None = None
+
+
+@dataclass(frozen=True)
 class CertificateConfig:
-    """One certificate (and key) a listener or backend presents."""
+    """One certificate (and key) a listener or backend presents.
+
+    ``key`` None means the key is in ``cert`` (PEM with key, or PKCS#12).
+    ``staple`` is a DER OCSP response served to clients that ask (OCSP stapling).
+    """
 
     cert: Path
     key: Path | None = None
     sni: tuple[str, ...] = ()
     key_password_env: str | None = None
     key_password_file: Path | None = None
+    staple: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -88,13 +109,20 @@ class ListenerConfig:
     name: str
     host: str
     port: int
-    tls: bool
+    #: True, False, or "auto" (TLS and plain DICOM on one port, by the first byte).
+    tls: bool | Literal["auto"]
     profile: str = "bcp195-rfc8996"
     client_cert: ClientCertMode = "required"
     trust: Path | None = None
     certificates: tuple[CertificateConfig, ...] = ()
     min_version: str | None = None
     ciphers: str | None = None
+    proxy_protocol: bool = False
+
+    @property
+    def may_use_tls(self) -> bool:
+        """True if connections on this listener can be TLS (``tls`` true or auto)."""
+        return self.tls is True or self.tls == "auto"
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,16 @@ class RouteConfig:
     trust: Path | None = None
     bind_calling_ae: bool = False
     backend_tls: BackendTLSConfig | None = None
+    #: "tls": only connections that arrived over TLS may use this route.
+    transport: Literal["any", "tls"] = "any"
+    #: Client networks allowed (CIDR); None = any. Uses the PROXY-protocol address.
+    source: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    thumbprints: tuple[str, ...] = ()
+    crl: tuple[Path, ...] = ()
+    ocsp: Literal["off", "soft", "hard"] = "off"
+    ocsp_responder: str | None = None
+    inspect: Literal["dimse", "association"] = "dimse"
+    max_associations: int | None = None
 
     def matches_called(self, called_ae: str) -> bool:
         """True if ``called_ae`` matches this route's exact title or glob."""
@@ -153,6 +191,8 @@ class Config:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    workers: int = 1
     listeners: tuple[ListenerConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
 
@@ -193,10 +233,13 @@ def load_config(path: str | Path) -> Config:
 def parse_config(data: dict[str, Any], *, base_dir: Path, path: Path) -> Config:
     """Validate an already-parsed TOML document."""
     v = _Validator(base_dir)
-    v.unknown_keys("", data, {"gateway", "log", "admin", "listener", "route"})
+    v.unknown_keys("", data, {"gateway", "log", "admin", "audit", "listener", "route"})
     gateway = v.gateway(data.get("gateway", {}))
+    workers = v.integer("[gateway]", v.table("[gateway]", data.get("gateway", {})), "workers",
+                        1, 1, 64)
     log = v.log(data.get("log", {}))
     admin = v.admin(data.get("admin", {}))
+    audit = v.audit(data.get("audit", {}))
     listeners = tuple(v.listeners(data.get("listener", [])))
     routes = tuple(v.routes(data.get("route", []), {lst.name for lst in listeners}))
     if not listeners:
@@ -205,7 +248,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, path: Path) -> Config:
         v.error("", "at least one [[route]] is required")
     v.raise_if_errors(path)
     return Config(
-        path=path, gateway=gateway, log=log, admin=admin, listeners=listeners, routes=routes
+        path=path, gateway=gateway, log=log, admin=admin, audit=audit, workers=workers,
+        listeners=listeners, routes=routes,
     )
 
 
@@ -397,20 +441,63 @@ class _Validator:
         host, port = self.listen(w, t, "listen")
         return AdminSettings(host=host, port=port)
 
+    def audit(self, raw: Any) -> AuditSettings:
+        w = "[audit]"
+        t = self.table(w, raw)
+        self.unknown_keys(w, t, {"transport", "address", "path", "ca", "server_name", "cert",
+                                 "key", "key_password_env", "key_password_file", "key_password",
+                                 "queue_size", "source_id", "enterprise_site_id"})
+        transport = self.choice(w, t, "transport", ("off", "udp", "tls", "file"), "off")
+        host = port = path = None
+        if transport in ("udp", "tls"):
+            host, port = self.listen(w, t, "address")
+        if transport == "file":
+            value = self.get(w, t, "path", str, None, required=True)
+            path = (self.base_dir / value).resolve() if value else None
+        ca = self.file(w, t, "ca")
+        if transport == "tls" and ca is None:
+            self.error(w, "transport = 'tls' needs ca (the audit repository's CA bundle)")
+        cert = None
+        if "cert" in t:
+            cert = self.certificate(w, {k: v for k, v in t.items() if k in _CERT_KEYS},
+                                    with_sni=False)
+        return AuditSettings(
+            transport=transport, host=host, port=port, path=path, ca=ca,
+            server_name=self.get(w, t, "server_name", str), certificate=cert,
+            queue_size=self.integer(w, t, "queue_size", 1000, 1, 1_000_000),
+            source_id=self.get(w, t, "source_id", str, "dicom-gateway"),
+            enterprise_site_id=self.get(w, t, "enterprise_site_id", str),
+        )
+
+    def cidrs(self, where: str, table: dict[str, Any], key: str
+              ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+        items = self.str_list(where, table, key)
+        if items is None:
+            return None
+        nets = []
+        for item in items:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.error(where, f"{key}: {item!r} is not an IP network (e.g. '10.0.0.0/8')")
+        return tuple(nets)
+
     def certificate(self, where: str, raw: Any, *, with_sni: bool) -> CertificateConfig | None:
         t = self.table(where, raw)
-        allowed = {"cert", "key", "key_password_env", "key_password_file", "key_password"}
+        allowed = set(_CERT_KEYS)
         if with_sni:
-            allowed.add("sni")
+            allowed |= {"sni", "staple"}
         self.unknown_keys(where, t, allowed)
         cert = self.file(where, t, "cert", required=True)
         key = self.file(where, t, "key")
         env, pw_file = self.password_source(where, t)
         sni = self.str_list(where, t, "sni") or ()
+        staple = self.file(where, t, "staple")
         if cert is None:
             return None
         return CertificateConfig(
-            cert=cert, key=key, sni=sni, key_password_env=env, key_password_file=pw_file
+            cert=cert, key=key, sni=sni, key_password_env=env, key_password_file=pw_file,
+            staple=staple,
         )
 
     def listeners(self, raw: Any) -> Iterator[ListenerConfig]:
@@ -433,7 +520,11 @@ class _Validator:
                  "min_version", "ciphers", "proxy_protocol"},
             )
             host, port = self.listen(w, t, "listen")
-            tls = self.get(w, t, "tls", bool, False)
+            tls = self.get(w, t, "tls", (bool, str), False)
+            if isinstance(tls, str) and tls != "auto":
+                self.error(w, f"tls must be true, false or \"auto\", got {tls!r}")
+                tls = False
+            proxy = self.get(w, t, "proxy_protocol", bool, False)
             profile = self.choice(w, t, "profile", PROFILE_NAMES, "bcp195-rfc8996")
             client_cert = self.choice(
                 w, t, "client_cert", ("required", "optional", "none"), "required"
@@ -448,7 +539,7 @@ class _Validator:
                 cc = self.certificate(f"{w}: certificates[{j}]", c, with_sni=True)
                 if cc:
                     certs.append(cc)
-            if tls and not certs_raw:
+            if tls and not certs_raw:  # true or "auto"
                 self.error(w, "a TLS listener needs at least one entry in certificates")
             if tls and client_cert == "required" and trust is None:
                 self.error(
@@ -471,6 +562,7 @@ class _Validator:
                 certificates=tuple(certs),
                 min_version=min_version,
                 ciphers=ciphers,
+                proxy_protocol=proxy,
             )
 
     def routes(self, raw: Any, listener_names: set[str]) -> Iterator[RouteConfig]:
@@ -490,7 +582,8 @@ class _Validator:
                 w,
                 t,
                 {"name", "called_ae", "calling_ae", "listeners", "sni", "verify", "trust",
-                 "bind_calling_ae", "backend", "backend_tls", "thumbprints"},
+                 "bind_calling_ae", "backend", "backend_tls", "thumbprints", "crl", "ocsp",
+                 "ocsp_responder", "transport", "source", "inspect", "max_associations"},
             )
             called = self.get(w, t, "called_ae", str, "*", required=True)
             self.ae(w, "called_ae", called, glob=True)
@@ -506,9 +599,24 @@ class _Validator:
             verify = self.choice(
                 w, t, "verify", ("chain", "thumbprint", "chain+thumbprint", "none"), None
             )
-            if verify in ("thumbprint", "chain+thumbprint"):
-                self.error(w, f"verify = {verify!r} is not supported yet; use 'chain' or 'none'")
+            thumbs = self.str_list(w, t, "thumbprints") or ()
+            if verify in ("thumbprint", "chain+thumbprint") and not thumbs:
+                self.error(w, f"verify = {verify!r} needs thumbprints")
             trust = self.file(w, t, "trust")
+            crl_names = self.str_list(w, t, "crl") or ()
+            crls = []
+            for c in crl_names:
+                p = (self.base_dir / c).resolve()
+                if not p.is_file():
+                    self.error(w, f"crl: file not found: {p}")
+                crls.append(p)
+            ocsp = self.choice(w, t, "ocsp", ("off", "soft", "hard"), "off")
+            transport = self.choice(w, t, "transport", ("any", "tls"), "any")
+            source = self.cidrs(w, t, "source")
+            inspect = self.choice(w, t, "inspect", ("dimse", "association"), "dimse")
+            route_max = self.get(w, t, "max_associations", int)
+            if route_max is not None and route_max < 1:
+                self.error(w, f"max_associations must be ≥ 1, got {route_max}")
             bind = self.get(w, t, "bind_calling_ae", bool, False)
             backend = self.backend(f"{w}: backend", t.get("backend"), required="backend" in t)
             if "backend" not in t:
@@ -527,6 +635,14 @@ class _Validator:
                 bind_calling_ae=bind,
                 backend=backend,
                 backend_tls=btls,
+                transport=transport,
+                source=source,
+                thumbprints=thumbs,
+                crl=tuple(crls),
+                ocsp=ocsp,
+                ocsp_responder=self.get(w, t, "ocsp_responder", str),
+                inspect=inspect,
+                max_associations=route_max,
             )
 
     def backend(self, where: str, raw: Any, *, required: bool) -> BackendConfig:
@@ -559,9 +675,7 @@ class _Validator:
             self.error(where, "verify = 'thumbprint' needs thumbprints")
         cert = None
         if "cert" in t:
-            cert = self.certificate(where, {k: v for k, v in t.items() if k in
-                                            {"cert", "key", "key_password_env",
-                                             "key_password_file", "key_password"}},
+            cert = self.certificate(where, {k: v for k, v in t.items() if k in _CERT_KEYS},
                                     with_sni=False)
         elif "key" in t:
             self.error(where, "key is set without cert")
@@ -573,6 +687,9 @@ class _Validator:
             certificate=cert,
             profile=self.choice(where, t, "profile", PROFILE_NAMES, "bcp195-rfc8996"),
         )
+
+
+_CERT_KEYS = frozenset({"cert", "key", "key_password_env", "key_password_file", "key_password"})
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

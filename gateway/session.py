@@ -8,6 +8,7 @@ abort → one summary log line.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .errors import ProtocolError, TLSError
 from .policy import PeerIdentity, check_policy
 from .relay import Direction, relay
 from .routing import NoRoute, RouteRequest, select_route
+from .streams import PrefixedStream
 from .tls.context import ClientTLS, ServerTLS, TLSEvidence, gather_evidence
 from .tls.stream import TLSStream
 
@@ -115,6 +117,14 @@ async def _send_quietly(stream: trio.abc.SendStream, data: bytes, timeout: float
     return False
 
 
+def _ip_of(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host = peer.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _peer_identity(evidence: TLSEvidence | None) -> PeerIdentity | None:
     if evidence is None:
         return None
@@ -145,6 +155,7 @@ class Association:
         self.client: trio.abc.Stream = stream
         self.backend: trio.abc.Stream | None = None
         self.peer = peer
+        self.source_ip = _ip_of(peer)
         self.counters = counters
         self.on_event = on_event
         self.evidence: TLSEvidence | None = None
@@ -175,7 +186,22 @@ class Association:
 
     async def _run(self) -> None:
         # Every step before the relay is bounded: handshake, ARTIM, connect, answer.
-        if self.listener.tls and not await self._handshake():
+        use_tls = self.listener.tls is True
+        if self.listener.tls == "auto":
+            # One port for both: a TLS record starts with 0x16, a PDU with 0x01..0x07.
+            first = b""
+            with trio.move_on_after(self.gw.artim_timeout):
+                try:
+                    first = await self.client.receive_some(8)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            if not first:
+                self._emit("association.aborted", "info", by="client",
+                           reason="nothing received before close or ARTIM timeout")
+                return
+            use_tls = first[0] == 0x16
+            self.client = PrefixedStream(self.client, first)
+        if use_tls and not await self._handshake():
             return
         with structlog.contextvars.bound_contextvars(**self._tls_fields()):
             raw = await self._read_request()
@@ -284,7 +310,8 @@ class Association:
         sni = self.evidence.sni if self.evidence else None
         found = select_route(
             self.rt.config.routes,
-            RouteRequest(self.listener.name, rq.called_ae, rq.calling_ae, sni),
+            RouteRequest(self.listener.name, rq.called_ae, rq.calling_ae, sni,
+                         tls=self.evidence is not None, source=self.source_ip),
         )
         if isinstance(found, NoRoute):
             rj = RJ_CALLED_AE_UNKNOWN if found is NoRoute.CALLED_AE_UNKNOWN else \
