@@ -7,6 +7,7 @@ abort → one summary log line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import secrets
@@ -190,11 +191,10 @@ class Association:
         if self.listener.tls == "auto":
             # One port for both: a TLS record starts with 0x16, a PDU with 0x01..0x07.
             first = b""
-            with trio.move_on_after(self.gw.artim_timeout):
-                try:
-                    first = await self.client.receive_some(8)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            with trio.move_on_after(self.gw.artim_timeout), contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                first = await self.client.receive_some(8)
             if not first:
                 self._emit("association.aborted", "info", by="client",
                            reason="nothing received before close or ARTIM timeout")
