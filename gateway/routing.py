@@ -2,8 +2,9 @@
 
 First route in file order whose listener, SNI, transport, client network,
 Called AE *and* Calling AE all match wins. When no route matches, the reason
-distinguishes "nobody serves this Called AE here" (reject reason 7) from "this AE is served, but not for this
-Calling AE" (reason 3), so a modality's operator sees which title is wrong.
+distinguishes "nobody serves this Called AE here" (reject reason 7) from
+"this AE is served, but not for this Calling AE" (reason 3), so a modality's
+operator sees which title is wrong.
 """
 
 from __future__ import annotations
