@@ -150,6 +150,10 @@ def test_backend_killed_pynetdicom_client_receives_a_abort(storescp, gateway, di
         deadline = time.monotonic() + 30
         while len(scp.files()) < 3 and time.monotonic() < deadline:
             time.sleep(0.005)
+        # Let storescp send the 3rd response and get into the 16 MB 4th file: killed
+        # right after writing a file, it may die between the header and body writes of
+        # its C-STORE-RSP, and a half-relayed PDU cannot be followed by an A-ABORT.
+        time.sleep(0.03)
         scp.kill()
 
     t = threading.Thread(target=killer, daemon=True)
