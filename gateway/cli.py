@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
 
+import structlog
 import trio
 
 from .config import Config, load_config, read_key_password
@@ -27,8 +29,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"dicom-gateway: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    workers = args.workers or config.workers
+    if args.worker_index is None and workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(args.config, workers, grace=config.gateway.shutdown_grace,
+                          log_format=args.log_format).run()
+    if args.worker_index is not None:
+        # Every line this worker logs says which worker (and process) it came from.
+        structlog.contextvars.bind_contextvars(worker=args.worker_index, pid=os.getpid())
     try:
-        trio.run(run_gateway, args.config)
+        trio.run(functools.partial(run_gateway, args.config,
+                                   reuse_port=args.worker_index is not None))
     except GatewayError as exc:
         print(f"dicom-gateway: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -137,6 +149,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.config) if args.config else None)
 
 
+def _worker_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"must be an integer 1..64, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(prog="dicom-gateway", description=__doc__)
@@ -144,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve until SIGTERM/SIGINT; SIGHUP reloads")
     run.add_argument("config")
     run.add_argument("--log-format", choices=("json", "console"), default=None)
+    run.add_argument("--workers", type=_worker_count, default=None, metavar="N",
+                     help="run N worker processes sharing the listeners (SO_REUSEPORT) "
+                          "under a supervisor; default: [gateway] workers, else 1")
+    # Set by the supervisor for its children; not for people.
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check", help="validate the config and every certificate")
     check.add_argument("config")

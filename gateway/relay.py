@@ -26,6 +26,11 @@ class End(enum.Enum):
     EOF = "eof"  # the source closed its side
     SOURCE_BROKEN = "source broken"  # reset, TLS truncation, TLS error
     DESTINATION_BROKEN = "destination broken"  # writing to the other side failed
+    VIOLATION = "protocol violation"  # the source sent a PDU not allowed now
+
+#: PDU types allowed once the association is established (PS3.8 state Sta6 onwards):
+#: P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT. Another A-ASSOCIATE-* is a violation.
+_ESTABLISHED_TYPES = frozenset({0x04, 0x05, 0x06, 0x07})
 
 
 @dataclass
@@ -40,6 +45,15 @@ class Direction:
     # then, the destination's framing is unknown and no A-ABORT may follow.
     sending: bool = False
     error: str | None = None
+    #: PDU type that broke the protocol, if any (e.g. a second A-ASSOCIATE-RQ).
+    violation: int | None = None
+
+    def __post_init__(self) -> None:
+        self.tracker.on_pdu = self._check_type
+
+    def _check_type(self, pdu_type: int, length: int) -> None:
+        if pdu_type not in _ESTABLISHED_TYPES and self.violation is None:
+            self.violation = pdu_type
 
     @property
     def destination_clean(self) -> bool:
@@ -58,6 +72,7 @@ class RelayResult:
     upstream: Direction  # client → backend
     downstream: Direction  # backend → client
     idle_timeout: bool = False
+    release_timeout: bool = False
 
     @property
     def released(self) -> bool:
@@ -77,15 +92,25 @@ class RelayResult:
         return None
 
 
+@dataclass
+class _Timers:
+    """The relay's two clocks: idle (pushed on every chunk) and release (armed once)."""
+
+    idle: trio.CancelScope
+    idle_timeout: float
+    release: trio.CancelScope
+    release_timeout: float
+    release_armed: bool = False
+
+
 async def _pump(
     src: trio.abc.ReceiveStream,
     dst: trio.abc.SendStream,
     d: Direction,
-    idle: trio.CancelScope,
-    idle_timeout: float,
+    timers: _Timers,
     done: trio.CancelScope,
 ) -> None:
-    receive, send, feed = src.receive_some, dst.send_all, d.tracker.feed
+    receive, send, feed, tracker = src.receive_some, dst.send_all, d.tracker.feed, d.tracker
     try:
         while True:
             try:
@@ -97,6 +122,14 @@ async def _pump(
                 d.end = End.EOF
                 return
             feed(data)
+            if d.violation is not None or tracker.broken:
+                # Do not pass it on: the gateway answers with A-ABORT instead.
+                d.end = End.VIOLATION
+                return
+            if tracker.seen_release_rq and not timers.release_armed:
+                # A release that is never answered must not hold the association.
+                timers.release_armed = True
+                timers.release.deadline = trio.current_time() + timers.release_timeout
             d.sending = True
             try:
                 await send(data)
@@ -107,7 +140,7 @@ async def _pump(
             d.bytes += len(data)
             # One shared deadline for both directions: a long C-STORE keeps the
             # quiet response direction alive too.
-            idle.deadline = trio.current_time() + idle_timeout
+            timers.idle.deadline = trio.current_time() + timers.idle_timeout
     finally:
         # The first direction to end ends the relay; the session decides the rest.
         done.cancel()
@@ -118,18 +151,24 @@ async def relay(
     backend: trio.abc.Stream,
     *,
     idle_timeout: float,
+    release_timeout: float = 30.0,
     upstream: Direction | None = None,
     downstream: Direction | None = None,
 ) -> RelayResult:
-    """Pump bytes both ways until one side ends or ``idle_timeout`` passes in silence."""
+    """Pump bytes both ways until one side ends, ``idle_timeout`` passes in silence,
+    or an A-RELEASE-RQ stays unanswered for ``release_timeout``."""
     result = RelayResult(
         upstream=upstream or Direction("client→backend"),
         downstream=downstream or Direction("backend→client"),
     )
-    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+    with trio.CancelScope() as release, trio.CancelScope(
+        deadline=trio.current_time() + idle_timeout
+    ) as idle:
+        timers = _Timers(idle, idle_timeout, release, release_timeout)
         async with trio.open_nursery() as nursery:
             done = nursery.cancel_scope
-            nursery.start_soon(_pump, client, backend, result.upstream, idle, idle_timeout, done)
-            nursery.start_soon(_pump, backend, client, result.downstream, idle, idle_timeout, done)
+            nursery.start_soon(_pump, client, backend, result.upstream, timers, done)
+            nursery.start_soon(_pump, backend, client, result.downstream, timers, done)
     result.idle_timeout = idle.cancelled_caught
+    result.release_timeout = release.cancelled_caught
     return result

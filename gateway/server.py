@@ -20,6 +20,7 @@ import trio
 
 from .config import CertificateConfig, Config, ListenerConfig, load_config, read_key_password
 from .errors import GatewayError
+from .listen import open_listeners
 from .policy import effective_verify
 from .session import Association, Counters, Runtime
 from .tls.context import (
@@ -35,6 +36,10 @@ log = structlog.get_logger("gateway")
 # Accept errors that mean "out of resources right now", not "listener broken":
 # back off and keep serving (trio's serve_listeners does the same).
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def _address(lst: ListenerConfig) -> tuple[str, int]:
+    return (lst.host, lst.port)
 
 
 def _identity(cert: CertificateConfig) -> Identity:
@@ -100,6 +105,9 @@ def load_runtime(path: str | Path) -> Runtime:
 class GatewayServer:
     """Serves every listener of the current Runtime until told to stop."""
 
+    #: Bind with SO_REUSEPORT: set in each worker of ``--workers N`` (gateway/workers.py).
+    reuse_port: bool = False
+
     def __init__(
         self,
         runtime: Runtime,
@@ -112,52 +120,102 @@ class GatewayServer:
         self.draining = False
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self._stop = trio.Event()
+        self._listener_scopes: dict[str, trio.CancelScope] = {}
+        self._accept: trio.Nursery | None = None
+        self._conns: trio.Nursery | None = None
 
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
         self._stop.set()
 
-    def reload(self) -> bool:
-        """Re-read the config file and certificates; keep the old Runtime on error."""
+    async def reload(self) -> bool:
+        """Re-read the config file and certificates (SIGHUP).
+
+        New associations use the new routes and contexts; live ones keep the
+        Runtime they started with. Listeners are added, removed or re-bound to
+        match. Anything invalid — config, certificate, a port that cannot be
+        bound — refuses the whole reload and keeps the old state.
+        """
         path = self.runtime.config.path
         try:
             new = load_runtime(path)
         except GatewayError as exc:
             log.error("config.reload_failed", path=str(path), error=str(exc))
             return False
-        old_listeners = {(lst.name, lst.host, lst.port, lst.tls)
-                         for lst in self.runtime.config.listeners}
-        new_listeners = {(lst.name, lst.host, lst.port, lst.tls) for lst in new.config.listeners}
-        if old_listeners != new_listeners:
-            log.warning("config.reload_listeners_unchanged",
-                        reason="listener addresses changed; restart to apply them")
+        old = {lst.name: lst for lst in self.runtime.config.listeners}
+        wanted = {lst.name: lst for lst in new.config.listeners}
+        rebind = [lst for name, lst in wanted.items()
+                  if name not in old or _address(old[name]) != _address(lst)]
+        retire = [name for name, lst in old.items()
+                  if name not in wanted or _address(wanted[name]) != _address(lst)]
+        # Bind every new socket before touching anything, so a busy port refuses the
+        # reload as a whole instead of leaving a half-applied configuration.
+        opened: dict[str, list[trio.SocketListener]] = {}
+        try:
+            for lst in rebind:
+                if any(_address(old[n]) == _address(lst) for n in retire if n in old):
+                    continue  # same address moves to a new name: reuse after retiring
+                opened[lst.name] = await self._bind(lst)
+        except OSError as exc:
+            for socks in opened.values():
+                for sl in socks:
+                    await sl.aclose()
+            log.error("config.reload_failed", path=str(path),
+                      error=f"cannot listen: {exc.strerror or exc}")
+            return False
+        for name in retire:
+            scope = self._listener_scopes.pop(name, None)
+            if scope is not None:
+                scope.cancel()
+            self.bound.pop(name, None)
+            log.info("listener.stopped", listener=name)
         self.runtime = new
-        log.info("config.reloaded", path=str(path), routes=len(new.config.routes))
+        await trio.sleep(0)  # let retired accept loops close their sockets
+        for lst in rebind:
+            socks = opened.get(lst.name)
+            if socks is None:
+                try:
+                    socks = await self._bind(lst)
+                except OSError as exc:
+                    log.error("listener.bind_failed", listener=lst.name,
+                              address=f"{lst.host}:{lst.port}", error=exc.strerror or str(exc))
+                    continue
+            self._start_listener(lst, socks)
+        log.info("config.reloaded", path=str(path), routes=len(new.config.routes),
+                 listeners=sorted(wanted), added=[lst.name for lst in rebind], removed=retire)
         return True
+
+    async def _bind(self, lst: ListenerConfig) -> list[trio.SocketListener]:
+        host = None if lst.host in ("*", "0.0.0.0", "::") else lst.host
+        return await open_listeners(lst.port, host, reuse_port=self.reuse_port)
+
+    def _start_listener(self, lst: ListenerConfig, socks: list[trio.SocketListener]) -> None:
+        assert self._accept is not None and self._conns is not None
+        scope = trio.CancelScope()
+        self._listener_scopes[lst.name] = scope
+        self.bound[lst.name] = [tuple(sl.socket.getsockname()[:2]) for sl in socks]
+        for sl in socks:
+            self._accept.start_soon(self._accept_loop, lst.name, sl, self._conns, scope)
+        log.info("listener.started", listener=lst.name, address=f"{lst.host}:{lst.port}",
+                 tls=lst.tls, profile=lst.profile if lst.tls else None)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Bind all listeners, then serve until ``stop()``; drains before returning."""
-        gw = self.runtime.config.gateway
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accept:
-                for lst in self.runtime.config.listeners:
-                    host = None if lst.host in ("*", "0.0.0.0", "::") else lst.host
-                    listeners = await trio.open_tcp_listeners(lst.port, host=host)
-                    self.bound[lst.name] = [
-                        tuple(tl.socket.getsockname()[:2]) for tl in listeners
-                    ]
-                    for tl in listeners:
-                        accept.start_soon(self._accept_loop, lst.name, tl, conns)
-                    log.info("listener.started", listener=lst.name,
-                             address=f"{lst.host}:{lst.port}", tls=lst.tls,
-                             profile=lst.profile if lst.tls else None)
+                self._conns, self._accept = conns, accept
+                # Bind everything first: a port in use fails the start as a whole.
+                bound = [(lst, await self._bind(lst)) for lst in self.runtime.config.listeners]
+                for lst, socks in bound:
+                    self._start_listener(lst, socks)
                 log.info("gateway.started", listeners=len(self.bound),
                          routes=len(self.runtime.config.routes), pid=os.getpid())
                 task_status.started()
                 await self._stop.wait()
                 self.draining = True
                 accept.cancel_scope.cancel()
+            gw = self.runtime.config.gateway
             log.info("gateway.draining", active=self.counters.active,
                      grace_s=gw.shutdown_grace)
             with trio.move_on_after(gw.shutdown_grace):
@@ -169,18 +227,19 @@ class GatewayServer:
         log.info("gateway.stopped", associations=self.counters.total)
 
     async def _accept_loop(self, name: str, listener: trio.SocketListener,
-                           conns: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_RETRY:
-                        log.error("listener.accept_failed", listener=name, error=str(exc))
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                conns.start_soon(self._handle, name, stream)
+                           conns: trio.Nursery, scope: trio.CancelScope) -> None:
+        with scope:
+            async with listener:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in _ACCEPT_RETRY:
+                            log.error("listener.accept_failed", listener=name, error=str(exc))
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    conns.start_soon(self._handle, name, stream)
 
     async def _handle(self, name: str, stream: trio.SocketStream) -> None:
         runtime = self.runtime  # an association keeps the config it started with
@@ -207,9 +266,14 @@ class GatewayServer:
 
 
 async def run_gateway(config_path: str | Path, *,
-                      on_ready: Callable[[GatewayServer], None] | None = None) -> None:
-    """Run the gateway with signal handling until SIGTERM/SIGINT (CLI ``run``)."""
+                      on_ready: Callable[[GatewayServer], None] | None = None,
+                      reuse_port: bool = False) -> None:
+    """Run the gateway with signal handling until SIGTERM/SIGINT (CLI ``run``).
+
+    ``reuse_port``: this process is one of several workers sharing the listeners.
+    """
     server = GatewayServer(load_runtime(config_path))
+    server.reuse_port = reuse_port
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
@@ -219,7 +283,7 @@ async def run_gateway(config_path: str | Path, *,
             async def watch() -> None:
                 async for sig in signals:
                     if sig == signal.SIGHUP:
-                        server.reload()
+                        await server.reload()
                     else:
                         log.info("gateway.signal", signal=signal.Signals(sig).name)
                         server.stop()

@@ -11,20 +11,22 @@ import contextlib
 import dataclasses
 import ipaddress
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import trio
 
 from .config import Config, ListenerConfig, RouteConfig
+from .dul.ae import validate_ae
 from .dul.codec import decode_pdu, encode_abort, encode_pdu, encode_reject
 from .dul.framer import PDUFramer, RawPDU, TLSOnPlainPortError
 from .dul.pdus import AssociateAC, AssociateRQ
 from .errors import ProtocolError, TLSError
 from .policy import PeerIdentity, check_policy
-from .relay import Direction, relay
+from .proxy_protocol import read_proxy_header
+from .relay import Direction, End, RelayResult, relay
 from .routing import NoRoute, RouteRequest, select_route
 from .streams import PrefixedStream
 from .tls.context import ClientTLS, ServerTLS, TLSEvidence, gather_evidence
@@ -36,6 +38,7 @@ PDU_A_ASSOCIATE_RQ = 0x01
 PDU_A_ASSOCIATE_AC = 0x02
 PDU_A_ASSOCIATE_RJ = 0x03
 PDU_A_ABORT = 0x07
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ"}
 
 # DESIGN §2 rejection table: (result, source, reason).
 RJ_CALLED_AE_UNKNOWN = (1, 1, 7)
@@ -60,10 +63,17 @@ class Runtime:
 
 @dataclass
 class Counters:
-    """Live numbers the server keeps across associations."""
+    """Live numbers the server keeps across associations.
+
+    ``active`` counts connections (a slowloris peer holds one until ARTIM);
+    ``associations`` counts only those past the A-ASSOCIATE-RQ, which is what
+    ``max_associations`` limits — so half-open connections cannot starve real ones.
+    """
 
     active: int = 0
     total: int = 0
+    associations: int = 0
+    per_route: dict[str, int] = field(default_factory=dict)
 
 
 class _Rejected(Exception):
@@ -74,16 +84,22 @@ class _Rejected(Exception):
         self.rj, self.why, self.fields = rj, why, fields
 
 
-async def _read_pdu(stream: trio.abc.ReceiveStream, framer: PDUFramer) -> RawPDU | None:
+async def _read_pdu(
+    receive: Callable[[int], Awaitable[bytes]], framer: PDUFramer
+) -> RawPDU | None:
     """Read until ``framer`` yields one complete PDU; None on a clean EOF."""
     while True:
         pdu = framer.next_pdu()
         if pdu is not None:
             return pdu
-        data = await stream.receive_some(65536)
+        data = await receive(65536)
         if not data:
             return None
         framer.feed(data)
+
+
+_HTTP_METHODS = {b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
+                 b"CONNECT", b"TRACE", b"PRI"}
 
 
 async def _finish(stream: trio.abc.Stream, wait: float) -> None:
@@ -166,6 +182,10 @@ class Association:
         self.up = Direction("client→backend")
         self.down = Direction("backend→client")
         self.assoc_id = secrets.token_hex(6)
+        self._counted: str | None = None
+        # "relay" once both sides are connected and associated: from then on an
+        # ending that is not a release must reach both sides as an A-ABORT.
+        self.phase = "setup"
 
     def _emit(self, event: str, level: str = "info", **fields: Any) -> None:
         getattr(log, level)(event, **fields)
@@ -180,13 +200,19 @@ class Association:
             try:
                 await self._run()
             finally:
+                self._count_out()
                 with trio.CancelScope(shield=True):
+                    if self.phase == "relay":
+                        # Cancelled mid-association (shutdown grace expired).
+                        await self._abort_both("gateway", "gateway shutting down")
                     for s in (self.client, self.backend):
                         if s is not None:
                             await trio.aclose_forcefully(s)
 
     async def _run(self) -> None:
         # Every step before the relay is bounded: handshake, ARTIM, connect, answer.
+        if self.listener.proxy_protocol and not await self._proxy_header():
+            return
         use_tls = self.listener.tls is True
         if self.listener.tls == "auto":
             # One port for both: a TLS record starts with 0x16, a PDU with 0x01..0x07.
@@ -216,6 +242,25 @@ class Association:
                 return
             await self._relay()
 
+    def _count_in(self, route: RouteConfig) -> None:
+        """Take a slot under the global and the route's association limit, or reject."""
+        c = self.counters
+        if c.associations >= self.gw.max_associations:
+            raise _Rejected(RJ_LIMIT, f"max_associations ({self.gw.max_associations}) reached")
+        in_route = c.per_route.get(route.name, 0)
+        if route.max_associations is not None and in_route >= route.max_associations:
+            raise _Rejected(RJ_LIMIT, f"route max_associations ({route.max_associations}) "
+                                      "reached")
+        c.associations += 1
+        c.per_route[route.name] = in_route + 1
+        self._counted = route.name
+
+    def _count_out(self) -> None:
+        if self._counted is not None:
+            self.counters.associations -= 1
+            self.counters.per_route[self._counted] -= 1
+            self._counted = None
+
     def _tls_fields(self) -> dict[str, Any]:
         ev = self.evidence
         if ev is None:
@@ -226,6 +271,46 @@ class Association:
             "client_subject": ev.subject,
             **({"sni": ev.sni} if ev.sni else {}),
         }
+
+    # -- step 0: PROXY protocol header (behind a load balancer) ----------------------
+
+    async def _proxy_header(self) -> bool:
+        """Read the PROXY v1/v2 header under ARTIM; adopt the real client address.
+
+        Logs, route ``source`` matching and audit all read ``self.peer`` /
+        ``self.source_ip``, so they see the client, not the balancer.
+        """
+        balancer = self.peer
+        try:
+            with trio.fail_after(self.gw.artim_timeout):
+                header, rest = await read_proxy_header(self.client)
+        except trio.TooSlowError:
+            reason = f"no complete PROXY protocol header within {self.gw.artim_timeout:g} s"
+        except ProtocolError as exc:
+            reason = str(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = f"connection lost before the PROXY protocol header: {exc}"
+        else:
+            if rest:
+                self.client = PrefixedStream(self.client, rest)
+            if header.client is not None:
+                self.peer = header.client
+                self.source_ip = header.source[0] if header.source else None
+                structlog.contextvars.bind_contextvars(peer=self.peer, proxied_by=balancer)
+            elif not rest:
+                # LOCAL / UNKNOWN: the balancer's own connection, usually a health
+                # check that closes at once -- not worth an "aborted" line.
+                with trio.move_on_after(self.gw.artim_timeout), contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError
+                ):
+                    first = await self.client.receive_some(65536)
+                    if not first:
+                        log.debug("proxy.health_check", version=header.version)
+                        return False
+                    self.client = PrefixedStream(self.client, first)
+            return True
+        self._emit("association.aborted", "warning", by="gateway", reason=reason)
+        return False
 
     # -- step 1: TLS ---------------------------------------------------------------
 
@@ -242,6 +327,10 @@ class Association:
             return False
         except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._emit("tls.handshake_failed", "warning", reason=str(exc))
+            if isinstance(exc, TLSError) and str(exc).startswith("plain DICOM"):
+                # The peer speaks plain DICOM: an A-ABORT in clear is something it
+                # understands, instead of a bare close it would report as a network error.
+                await _send_quietly(tls.transport_stream, ABORT_PROVIDER)
             return False
         self.evidence = gather_evidence(tls.connection)
         return True
@@ -251,14 +340,23 @@ class Association:
     async def _read_request(self) -> RawPDU | None:
         framer = PDUFramer(self.gw.max_pdu_length)
         self._client_framer = framer
+        first = bytearray()
+
+        async def receive(max_bytes: int) -> bytes:
+            data = await self.client.receive_some(max_bytes)
+            if len(first) < 8:
+                first.extend(data[:8])
+            return data
+
         try:
             with trio.fail_after(self.gw.artim_timeout):
-                raw = await _read_pdu(self.client, framer)
+                raw = await _read_pdu(receive, framer)
         except trio.TooSlowError:
             self._emit("association.aborted", "warning", by="gateway",
                        reason=f"ARTIM: no complete A-ASSOCIATE-RQ within "
                               f"{self.gw.artim_timeout:g} s")
-            await self._abort_client(0)
+            # A peer that was this slow will not close promptly either.
+            await self._abort_client(0, wait=1.0)
             return None
         except TLSOnPlainPortError:
             self._emit("association.aborted", "warning", by="gateway",
@@ -266,8 +364,11 @@ class Association:
                               "(client configured for TLS, listener is tls = false)")
             return None
         except ProtocolError as exc:
-            self._emit("association.aborted", "warning", by="gateway",
-                       reason=f"malformed PDU: {exc}", abort_reason=exc.abort_reason)
+            why = f"malformed PDU: {exc}"
+            if bytes(first[:8]).split(b" ")[0] in _HTTP_METHODS:
+                why = "HTTP request on a DICOM port (a browser or health check?)"
+            self._emit("association.aborted", "warning", by="gateway", reason=why,
+                       abort_reason=exc.abort_reason)
             await self._abort_client(exc.abort_reason)
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -278,6 +379,10 @@ class Association:
             self._emit("association.aborted", "info", by="client",
                        reason="closed before sending an A-ASSOCIATE-RQ")
             return None
+        if raw.pdu_type == PDU_A_ABORT:
+            self._emit("association.aborted", "info", by="client",
+                       reason="A-ABORT received before association")
+            return None
         if raw.pdu_type != PDU_A_ASSOCIATE_RQ:
             self._emit("association.aborted", "warning", by="gateway",
                        reason=f"unexpected PDU type 0x{raw.pdu_type:02X} before association")
@@ -285,9 +390,11 @@ class Association:
             return None
         return raw
 
-    async def _abort_client(self, reason: int) -> None:
+    async def _abort_client(self, reason: int, wait: float | None = None) -> None:
         if await _send_quietly(self.client, encode_abort(2, reason)):
-            await _finish(self.client, min(self.gw.artim_timeout, self.gw.release_timeout))
+            if wait is None:
+                wait = min(self.gw.artim_timeout, self.gw.release_timeout)
+            await _finish(self.client, wait)
 
     # -- step 3: route, policy, backend ----------------------------------------------
 
@@ -305,8 +412,11 @@ class Association:
         if not rq.protocol_version & 1:
             raise _Rejected(RJ_PROTOCOL_VERSION,
                             f"unsupported protocol version 0x{rq.protocol_version:04X}")
-        if self.counters.active > self.gw.max_associations:
-            raise _Rejected(RJ_LIMIT, f"max_associations ({self.gw.max_associations}) reached")
+        for title, rj, what in ((rq.called_ae, RJ_CALLED_AE_UNKNOWN, "Called"),
+                                (rq.calling_ae, RJ_CALLING_AE_REFUSED, "Calling")):
+            problem = validate_ae(title)
+            if problem:
+                raise _Rejected(rj, f"invalid {what} AE title {title!r}: {problem}")
         sni = self.evidence.sni if self.evidence else None
         found = select_route(
             self.rt.config.routes,
@@ -324,6 +434,7 @@ class Association:
                                 rq.calling_ae)
         if not decision.allowed:
             raise _Rejected(RJ_CALLING_AE_REFUSED, decision.reason, check=decision.check)
+        self._count_in(route)
 
         await self._connect_backend(route)
         assert self.backend is not None
@@ -335,7 +446,12 @@ class Association:
                 calling_ae=route.backend.calling_ae or rq.calling_ae,
             ))
         try:
-            await self.backend.send_all(forward + self._client_framer.take_remaining())
+            # Bytes a client sent right behind its RQ belong to the relay: the
+            # tracker must see them to keep its PDU boundaries right.
+            pipelined = self._client_framer.take_remaining()
+            self.up.tracker.feed(pipelined)
+            self.up.bytes += len(pipelined)
+            await self.backend.send_all(forward + pipelined)
             answer, rest = await self._read_backend_answer()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Rejected(RJ_BACKEND_UNAVAILABLE, f"backend connection lost: {exc}") from None
@@ -376,7 +492,7 @@ class Association:
         framer = PDUFramer(max(self.gw.max_pdu_length, 1 << 20))
         try:
             with trio.fail_after(self.gw.backend_timeout):
-                answer = await _read_pdu(self.backend, framer)
+                answer = await _read_pdu(self.backend.receive_some, framer)
         except trio.TooSlowError:
             raise _Rejected(RJ_BACKEND_UNAVAILABLE,
                             f"backend did not answer the A-ASSOCIATE-RQ within "
@@ -401,8 +517,9 @@ class Association:
                 data = encode_pdu(dataclasses.replace(
                     ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae))
             await self.client.send_all(data + rest)
-            self.down.tracker.feed(data + rest)
+            self.down.tracker.feed(rest)  # the AC itself is not part of the relay
             self.down.bytes += len(data) + len(rest)
+            self.phase = "relay"
             self._emit("association.accepted", **self._accepted_fields())
             return
         if answer.pdu_type == PDU_A_ASSOCIATE_RJ:
@@ -445,41 +562,61 @@ class Association:
     async def _relay(self) -> None:
         assert self.backend is not None
         result = await relay(self.client, self.backend, idle_timeout=self.gw.idle_timeout,
+                             release_timeout=self.gw.release_timeout,
                              upstream=self.up, downstream=self.down)
-        summary = {
-            "bytes_up": self.up.bytes,
-            "bytes_down": self.down.bytes,
-            "duration_s": round(trio.current_time() - self.started, 3),
-        }
+        self.phase = "ending"
         if result.released:
-            self._emit("association.released", **summary)
+            self._emit("association.released", **self._summary())
             await self._close_both(())
             return
         if result.aborted_by:
             self._emit("association.aborted", "warning", by=result.aborted_by,
-                       reason=f"{result.aborted_by} sent A-ABORT", **summary)
+                       reason=f"{result.aborted_by} sent A-ABORT", **self._summary())
             await self._close_both(())
             return
+        by, why = self._why_ended(result)
+        await self._abort_both(by, why)
+
+    def _summary(self) -> dict[str, Any]:
+        return {
+            "bytes_up": self.up.bytes,
+            "bytes_down": self.down.bytes,
+            "duration_s": round(trio.current_time() - self.started, 3),
+        }
+
+    def _why_ended(self, result: RelayResult) -> tuple[str, str]:
+        """Who ended an association that was neither released nor aborted, and why."""
+        for d, side in ((self.up, "client"), (self.down, "backend")):
+            if d.end is End.VIOLATION:
+                what = _PDU_NAMES.get(d.violation or 0, f"PDU type 0x{d.violation or 0:02X}")
+                return "gateway", f"{side} sent {what} on an established association"
         if result.idle_timeout:
-            by, why = "gateway", f"idle for {self.gw.idle_timeout:g} s"
+            return "gateway", f"idle for {self.gw.idle_timeout:g} s"
+        if result.release_timeout:
+            return "gateway", f"A-RELEASE-RQ not answered within {self.gw.release_timeout:g} s"
+        if self.up.end in (End.EOF, End.SOURCE_BROKEN) or self.down.end is \
+                End.DESTINATION_BROKEN:
+            side, d = "client", self.up if self.up.end is not End.RUNNING else self.down
         else:
-            vanished = "client" if self.up.end.value in ("eof", "source broken") or \
-                self.down.end.value == "destination broken" else "backend"
-            by = vanished
-            ended = self.up if vanished == "client" and self.up.end.value != "running" \
-                else self.down
-            why = f"{vanished} closed the connection without release ({ended.end.value}" + \
-                (f": {ended.error})" if ended.error else ")")
-        # Tell whoever is still there, so no sender believes a transfer succeeded.
+            side, d = "backend", self.down if self.down.end is not End.RUNNING else self.up
+        detail = d.end.value + (f": {d.error}" if d.error else "")
+        return side, f"{side} closed the connection without release ({detail})"
+
+    async def _abort_both(self, by: str, why: str) -> None:
+        """Send A-ABORT to every side still there, so no sender believes a transfer
+        succeeded that the receiver did not get; then close both."""
         told = []
+        # A-ABORT source 2 reason 2 (unexpected PDU) for a violation, else 0.
+        pdu = encode_abort(2, 2) if "established association" in why else ABORT_PROVIDER
         if by != "client" and self.down.destination_clean and \
-                await _send_quietly(self.client, ABORT_PROVIDER):
+                await _send_quietly(self.client, pdu):
             told.append("client")
-        if by != "backend" and self.up.destination_clean and \
+        if by != "backend" and self.backend is not None and self.up.destination_clean and \
                 await _send_quietly(self.backend, ABORT_PROVIDER):
             told.append("backend")
+        self.phase = "ending"
         self._emit("association.aborted", "warning", by=by, reason=why,
-                   abort_sent_to=told, **summary)
+                   abort_sent_to=told, **self._summary())
         await self._close_both(told)
 
     async def _close_both(self, told: list[str] | tuple[str, ...]) -> None:

@@ -7,12 +7,16 @@ path (pynetdicom installs same-named scripts into the virtualenv) and always wit
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
 import os
 import socket
+import ssl
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -768,3 +772,379 @@ def store_and_kill_backend(
             proc.kill()
             proc.wait()
     return proc.returncode, out.decode(errors="replace"), n_at_kill
+
+
+# --------------------------------------------------------------------------- raw PDUs
+#
+# Hand-built wire bytes (PS3.8 §9.3), independent of the gateway's own codec, so a
+# codec bug cannot hide behind the same bug in the test's encoder.
+
+APP_CONTEXT_UID = "1.2.840.10008.3.1.1.1"
+VERIFICATION_UID = "1.2.840.10008.1.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+TEST_IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.7433.1.1"
+
+
+def raw_pdu(pdu_type: int, body: bytes, *, length: int | None = None) -> bytes:
+    """Header (type, reserved, 4-byte big-endian length) + body; ``length`` overrides."""
+    n = len(body) if length is None else length
+    return struct.pack(">BBL", pdu_type, 0, n) + body
+
+
+def raw_item(item_type: int, body: bytes, *, length: int | None = None) -> bytes:
+    n = len(body) if length is None else length
+    return struct.pack(">BBH", item_type, 0, n) + body
+
+
+def ae16(title: str) -> bytes:
+    """A 16-byte, space-padded AE title field."""
+    return title.encode("ascii").ljust(16)[:16]
+
+
+def assoc_rq_bytes(
+    called: str = "ARCHIVE",
+    calling: str = "CT01",
+    *,
+    protocol_version: int = 1,
+    abstract: str = VERIFICATION_UID,
+    transfer: str = IMPLICIT_VR_LE,
+    max_length: int = 16384,
+    user_info_length: int | None = None,
+    called_raw: bytes | None = None,
+    calling_raw: bytes | None = None,
+) -> bytes:
+    """A valid A-ASSOCIATE-RQ (one presentation context, id 1); knobs to break it."""
+    pc = raw_item(
+        0x20,
+        bytes([1, 0, 0, 0])
+        + raw_item(0x30, abstract.encode())
+        + raw_item(0x40, transfer.encode()),
+    )
+    ui_body = raw_item(0x51, struct.pack(">L", max_length)) + raw_item(
+        0x52, TEST_IMPLEMENTATION_UID.encode()
+    )
+    ui = raw_item(0x50, ui_body, length=user_info_length)
+    body = (
+        struct.pack(">HH", protocol_version, 0)
+        + (called_raw if called_raw is not None else ae16(called))
+        + (calling_raw if calling_raw is not None else ae16(calling))
+        + bytes(32)
+        + raw_item(0x10, APP_CONTEXT_UID.encode())
+        + pc
+        + ui
+    )
+    return raw_pdu(0x01, body)
+
+
+def _items(data: bytes, start: int) -> Iterable[tuple[int, bytes]]:
+    pos = start
+    while pos + 4 <= len(data):
+        t, _, n = struct.unpack_from(">BBH", data, pos)
+        yield t, data[pos + 4 : pos + 4 + n]
+        pos += 4 + n
+
+
+def assoc_ac_for(rq: bytes) -> bytes:
+    """An A-ASSOCIATE-AC answering ``rq``: echoes the AE titles and accepts every
+    presentation context with its first transfer syntax."""
+    called, calling = rq[10:26], rq[26:42]
+    items = raw_item(0x10, APP_CONTEXT_UID.encode())
+    for t, body in _items(rq, 74):
+        if t != 0x20:
+            continue
+        ts = next((b for st, b in _items(body, 4) if st == 0x40), IMPLICIT_VR_LE.encode())
+        items += raw_item(0x21, bytes([body[0], 0, 0, 0]) + raw_item(0x40, ts))
+    items += raw_item(
+        0x50,
+        raw_item(0x51, struct.pack(">L", 16384))
+        + raw_item(0x52, TEST_IMPLEMENTATION_UID.encode()),
+    )
+    return raw_pdu(0x02, struct.pack(">HH", 1, 0) + called + calling + bytes(32) + items)
+
+
+def abort_bytes(source: int, reason: int) -> bytes:
+    """A-ABORT: 07 00 00000004 00 00 source reason."""
+    return raw_pdu(0x07, bytes([0, 0, source, reason]))
+
+
+def reject_bytes(result: int, source: int, reason: int) -> bytes:
+    """A-ASSOCIATE-RJ: 03 00 00000004 00 result source reason."""
+    return raw_pdu(0x03, bytes([0, result, source, reason]))
+
+
+RELEASE_RQ = raw_pdu(0x05, bytes(4))
+RELEASE_RP = raw_pdu(0x06, bytes(4))
+
+
+def echo_pdata() -> bytes:
+    """A P-DATA-TF with one PDV: a C-ECHO-RQ command (context 1, command, last)."""
+    elements = b""
+
+    def elem(tag_group: int, tag_elem: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", tag_group, tag_elem, len(value)) + value
+
+    cmd = (
+        elem(0x0000, 0x0002, VERIFICATION_UID.encode() + b"\0")
+        + elem(0x0000, 0x0100, struct.pack("<H", 0x0030))
+        + elem(0x0000, 0x0110, struct.pack("<H", 1))
+        + elem(0x0000, 0x0800, struct.pack("<H", 0x0101))
+    )
+    elements = elem(0x0000, 0x0000, struct.pack("<L", len(cmd))) + cmd
+    pdv = struct.pack(">L", len(elements) + 2) + bytes([1, 0x03]) + elements
+    return raw_pdu(0x04, pdv)
+
+
+def split_pdus(data: bytes) -> list[bytes]:
+    """Cut a received byte stream into whole PDUs (a trailing partial one is kept)."""
+    out, pos = [], 0
+    while pos < len(data):
+        if len(data) - pos < 6:
+            out.append(data[pos:])
+            break
+        n = struct.unpack_from(">L", data, pos + 2)[0]
+        out.append(data[pos : pos + 6 + n])
+        pos += 6 + n
+    return out
+
+
+def tls_client_hello() -> bytes:
+    """The first flight of a real TLS client (a ClientHello record, 16 03 ...)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+# --------------------------------------------------------------------------- raw peers
+
+
+class RawPeer:
+    """A blocking TCP (optionally TLS) client that sends exact bytes and reads what comes
+    back, for rows of the bad-input matrix that no real DICOM tool would produce."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 10.0,
+        host: str = HOST,
+    ):
+        raw = socket.create_connection((host, port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local_port: int = raw.getsockname()[1]
+        self.sock: socket.socket = (
+            ssl_context.wrap_socket(raw, server_hostname="localhost") if ssl_context else raw
+        )
+        self.received = bytearray()
+        self.closed = False
+        self.connected_at = time.monotonic()
+        self.closed_at: float | None = None
+
+    @property
+    def peer_field(self) -> str:
+        """How the gateway's logs name this connection (``peer`` field)."""
+        return f"{HOST}:{self.local_port}"
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _recv_some(self, timeout: float) -> bytes | None:
+        """Up to 64 KiB; b"" on EOF/reset; None on timeout."""
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            return None
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError, OSError):
+            data = b""
+        if not data:
+            if not self.closed:
+                self.closed, self.closed_at = True, time.monotonic()
+            return b""
+        self.received += data
+        return data
+
+    def read_pdu(self, timeout: float = 5.0) -> bytes | None:
+        """The next whole PDU (consumed from ``received``); None on close or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.received) >= 6:
+                n = struct.unpack_from(">L", self.received, 2)[0]
+                if len(self.received) >= 6 + n:
+                    pdu = bytes(self.received[: 6 + n])
+                    del self.received[: 6 + n]
+                    return pdu
+            left = deadline - time.monotonic()
+            if self.closed or left <= 0:
+                return None
+            if self._recv_some(left) == b"":
+                continue
+
+    def read_until_close(self, timeout: float = 5.0) -> bytes:
+        """Everything received until the gateway closes (or ``timeout``); see ``closed``."""
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._recv_some(left)
+        return bytes(self.received)
+
+    def shutdown_write(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def send_raw_under_tls(self, data: bytes) -> None:
+        """Write bytes straight onto the TCP connection beneath the TLS layer."""
+        fd = os.dup(self.sock.fileno())
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def raw_associate(port: int, called: str = "ARCHIVE", calling: str = "CT01", **kw) -> RawPeer:
+    """Open an association with raw PDUs; returns the peer after the A-ASSOCIATE-AC.
+
+    Raises AssertionError with what came back if the answer is not an AC."""
+    peer = RawPeer(port, **kw)
+    peer.send(assoc_rq_bytes(called, calling))
+    answer = peer.read_pdu(10)
+    if not answer or answer[0] != 0x02:
+        peer.close()
+        raise AssertionError(f"expected A-ASSOCIATE-AC, got {answer!r}")
+    return peer
+
+
+class FakeBackend:
+    """A raw-socket backend in a thread, for backends no real SCP imitates.
+
+    mode ``"silent"``: accept TCP, read, never answer (backend_timeout);
+    mode ``"accept"``: answer every A-ASSOCIATE-RQ with an AC, then read and record
+    every PDU and answer nothing (e.g. an A-RELEASE-RQ left unanswered).
+    ``pdu_types`` lists the first byte of every PDU received (all connections).
+    """
+
+    def __init__(self, mode: str = "accept"):
+        self.mode = mode
+        self.server = socket.create_server((HOST, 0))
+        self.port: int = self.server.getsockname()[1]
+        self.pdu_types: list[int] = []
+        self.connections = 0
+        self._socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        self.server.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            self._socks.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        conn.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while len(buf) >= 6:
+                n = struct.unpack_from(">L", buf, 2)[0]
+                if len(buf) < 6 + n:
+                    break
+                pdu = bytes(buf[: 6 + n])
+                del buf[: 6 + n]
+                self.pdu_types.append(pdu[0])
+                if self.mode == "accept" and pdu[0] == 0x01:
+                    with contextlib.suppress(OSError):
+                        conn.sendall(assoc_ac_for(pdu))
+
+    def wait_for_pdu(self, pdu_type: int, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while pdu_type not in self.pdu_types and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return pdu_type in self.pdu_types
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.server.close()
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.close()
+        self._thread.join(2)
+
+
+def echoscu_ok(port: int, called: str = "ARCHIVE", *extra: str | os.PathLike) -> tuple[bool, str]:
+    """DCMTK echoscu through the gateway: (succeeded, output)."""
+    rc, out = run_dcmtk(["echoscu", "-v", *extra, "-aec", called, HOST, port], timeout=30)
+    return rc == 0, out
+
+
+def peer_records(gw, peer: RawPeer | str, event: str | None = None) -> list[dict]:
+    """The gateway's log records about one client connection (by its ``peer`` field)."""
+    field_ = peer.peer_field if isinstance(peer, RawPeer) else peer
+    return [
+        r
+        for r in gw.logs()
+        if r.get("peer") == field_ and (event is None or r.get("event") == event)
+    ]
+
+
+def wait_peer_records(gw, peer: RawPeer | str, event: str, timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = peer_records(gw, peer, event)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def assert_no_tracebacks(gw) -> None:
+    """No Python traceback and no crash record anywhere in the gateway's output."""
+    text = gw.stdout.read_text(errors="replace") + gw.stderr.read_text(errors="replace")
+    assert "Traceback" not in text, "gateway printed a traceback\n" + gw.output()
+    assert "association.crashed" not in text, "gateway logged association.crashed\n" + gw.output()
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of a process (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
