@@ -878,8 +878,6 @@ RELEASE_RP = raw_pdu(0x06, bytes(4))
 
 def echo_pdata() -> bytes:
     """A P-DATA-TF with one PDV: a C-ECHO-RQ command (context 1, command, last)."""
-    elements = b""
-
     def elem(tag_group: int, tag_elem: int, value: bytes) -> bytes:
         return struct.pack("<HHL", tag_group, tag_elem, len(value)) + value
 
@@ -958,7 +956,7 @@ class RawPeer:
         self.sock.settimeout(max(timeout, 0.001))
         try:
             data = self.sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return None
         except (ConnectionResetError, BrokenPipeError, ssl.SSLError, OSError):
             data = b""
@@ -1056,7 +1054,7 @@ class FakeBackend:
         while not self._stop.is_set():
             try:
                 conn, _ = self.server.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -1070,7 +1068,7 @@ class FakeBackend:
         while not self._stop.is_set():
             try:
                 data = conn.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
