@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.dul.dimse import DimseInspector  # noqa: E402
-from gateway.dul.tracker import PDUTracker  # noqa: E402
+from gateway.dul.dimse import DimseInspector
+from gateway.dul.tracker import PDUTracker
 
 CT = b"1.2.840.10008.5.1.4.1.1.2\0"
 MB = 1024 * 1024

@@ -11,10 +11,11 @@ from pathlib import Path
 import structlog
 import trio
 
-from .config import Config, load_config, read_key_password
+from .config import Config, RouteConfig, load_config, read_key_password
 from .errors import GatewayError
 from .observe.log import configure_logging
 from .policy import effective_verify
+from .tls.verify import STRICT_KEY_PROFILES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -56,7 +57,7 @@ def _certificate_lines(config: Config) -> tuple[list[str], bool]:
     lines: list[str] = []
     ok = True
 
-    def report(where: str, cert, purpose: str) -> None:
+    def report(where: str, cert, purpose: str, profile: str) -> None:
         nonlocal ok
         try:
             password = read_key_password(cert, os.environ.get)
@@ -64,19 +65,26 @@ def _certificate_lines(config: Config) -> tuple[list[str], bool]:
             lines.append(f"  ERROR   {where}: {exc}")
             ok = False
             return
-        for st in check_identity(cert.cert, cert.key, password=password, purpose=purpose):
-            lines.append(f"  {st.level.upper():<7} {where}: {st.message}")
-            ok = ok and st.level != "error"
+        found = check_identity(cert.cert, cert.key, password=password, purpose=purpose,
+                               strict_keys=profile in STRICT_KEY_PROFILES)
+        # One line per certificate: the worst level, then every finding
+        # (check_identity sorts worst first); repeated file names are dropped.
+        first = found[0].message
+        prefix = first.split(": ", 1)[0] + ": " if ": " in first else ""
+        rest = [f.message.removeprefix(prefix) for f in found[1:]]
+        lines.append(f"  {found[0].level.upper():<7} {where}: " + "; ".join([first, *rest]))
+        ok = ok and all(f.level != "error" for f in found)
 
     for lst in config.listeners:
         if lst.tls and not lst.certificates:
             lines.append(f"  ERROR   listener '{lst.name}': no certificate configured")
             ok = False
         for i, cert in enumerate(lst.certificates):
-            report(f"listener '{lst.name}' certificates[{i}]", cert, "server")
+            report(f"listener '{lst.name}' certificates[{i}]", cert, "server", lst.profile)
     for route in config.routes:
-        if route.backend_tls and route.backend_tls.certificate:
-            report(f"route '{route.name}' backend_tls", route.backend_tls.certificate, "client")
+        bt = route.backend_tls
+        if bt and bt.certificate:
+            report(f"route '{route.name}' backend_tls", bt.certificate, "client", bt.profile)
     return lines, ok
 
 
@@ -96,7 +104,42 @@ def _route_lines(config: Config) -> list[str]:
             f" verify={'/'.join(sorted(policies))}"
             f"{'; bind_calling_ae' if r.bind_calling_ae else ''}"
         )
+        lines.append(f"      policy: {_policy_text(config, r, listeners)}")
     return lines
+
+
+def _policy_text(config: Config, r: RouteConfig, listeners: tuple[str, ...]) -> str:
+    """What the route checks, in words: trust, CRLs, pins, OCSP, names, transport."""
+    per_listener: dict[str, list[str]] = {}
+    for name in listeners:
+        lst = config.listener(name)
+        verify = effective_verify(r, lst)
+        if not lst.may_use_tls:
+            what = ("no client certificate possible (plain), every association refused"
+                    if verify != "none" else "no certificate checks (plain)")
+        else:
+            trust = r.trust or lst.trust
+            what = f"verify {verify}"
+            if verify in ("chain", "chain+thumbprint"):
+                what += (f" against {trust.name} ({'route' if r.trust else 'listener'} trust)"
+                         if trust else " without a trust bundle (config error)")
+        per_listener.setdefault(what, []).append(name)
+    # Listeners that get the same treatment are listed together.
+    parts = [f"{what} on {','.join(names)}" for what, names in per_listener.items()]
+    if r.crl:
+        parts.append("revocation by CRL " + ", ".join(p.name for p in r.crl))
+    if r.thumbprints:
+        parts.append(f"{len(r.thumbprints)} pinned thumbprint(s)")
+    if r.ocsp != "off":
+        via = r.ocsp_responder or "the certificate's AIA responder"
+        parts.append(f"OCSP {r.ocsp} via {via}")
+    if r.bind_calling_ae:
+        parts.append("Calling AE must be the certificate's CN or a DNS/dicom-ae SAN")
+    if r.sni:
+        parts.append(f"only for SNI {r.sni}")
+    if r.transport == "tls":
+        parts.append("TLS connections only")
+    return "; ".join(parts)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -130,11 +173,21 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_thumbprint(args: argparse.Namespace) -> int:
     from .tls.certs import load_certificates, thumbprint
 
-    password = os.environ.get(args.password_env).encode() if args.password_env else None
+    password = None
+    if args.password_env:
+        value = os.environ.get(args.password_env)
+        if value is None:
+            print(f"dicom-gateway: --password-env names ${args.password_env}, which is not set",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        password = value.encode()
     try:
         certs = load_certificates(Path(args.file), password=password)
     except GatewayError as exc:
-        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        hint = ""
+        if "PKCS#12" in str(exc) and password is None:
+            hint = " (give its password with --password-env VARIABLE)"
+        print(f"dicom-gateway: {exc}{hint}", file=sys.stderr)
         return EXIT_ERROR
     for cert in certs:
         print(f"subject: {cert.subject.rfc4514_string()}")

@@ -25,10 +25,7 @@ from cryptography import x509
 from .config import ListenerConfig, RouteConfig
 from .tls.certs import fingerprint_bytes, parse_thumbprint, thumbprint
 from .tls.ocsp import OCSPResult, OCSPStatus
-from .tls.verify import RouteVerifier, key_strength_problem
-
-#: Profiles whose certificate minimums (RSA ≥ 2048, ECC ≥ 256, SHA-256+) apply to peers.
-STRICT_KEY_PROFILES = frozenset({"bcp195-rfc8996-mod"})
+from .tls.verify import STRICT_KEY_PROFILES, RouteVerifier, key_strength_problem
 
 
 @dataclass(frozen=True)

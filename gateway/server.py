@@ -19,8 +19,9 @@ import structlog
 import trio
 
 from .config import CertificateConfig, Config, ListenerConfig, load_config, read_key_password
-from .errors import GatewayError
+from .errors import ConfigError, GatewayError
 from .listen import open_listeners
+from .observe.hub import EventHub
 from .policy import effective_verify
 from .session import Association, Counters, Runtime
 from .tls.context import (
@@ -30,6 +31,9 @@ from .tls.context import (
     build_client,
     build_server,
 )
+from .tls.ocsp import OCSPChecker
+from .tls.profiles import PROFILES
+from .tls.verify import RouteVerifier, build_route_verifier
 
 log = structlog.get_logger("gateway")
 
@@ -48,6 +52,7 @@ def _identity(cert: CertificateConfig) -> Identity:
         key=cert.key,
         sni=cert.sni,
         key_password=read_key_password(cert, os.environ.get),
+        staple=cert.staple,
     )
 
 
@@ -61,9 +66,51 @@ def _verify_in_handshake(config: Config, listener: ListenerConfig) -> bool:
     for route in config.routes:
         if route.listeners is not None and listener.name not in route.listeners:
             continue
-        if effective_verify(route, listener) != "chain" or route.trust is not None:
+        # chain+thumbprint needs a chain valid against the same trust too, so an
+        # unknown chain can be refused early for it as well.
+        if effective_verify(route, listener) not in ("chain", "chain+thumbprint") \
+                or route.trust is not None:
             return False
     return True
+
+
+#: Retired profiles already warned about in this process (check, run and
+#: reload all build runtimes; one warning per listener/route is enough).
+_RETIRED_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_retired(where: str, profile: str) -> None:
+    prof = PROFILES.get(profile)
+    if prof is None or not prof.retired or (where, profile) in _RETIRED_WARNED:
+        return
+    _RETIRED_WARNED.add((where, profile))
+    log.warning("tls.retired_profile", where=where, profile=profile, annex=prof.annex,
+                why=f"{prof.description}; DICOM PS3.15 has retired it — use it only for "
+                    "peers that cannot do better")
+
+
+def _route_verifiers(config: Config) -> dict[tuple[str, str], RouteVerifier]:
+    """Parse each route's trust, CRLs and thumbprints once per TLS listener it serves."""
+    verifiers: dict[tuple[str, str], RouteVerifier] = {}
+    for route in config.routes:
+        for lst in config.listeners:
+            if not lst.may_use_tls:
+                continue
+            if route.listeners is not None and lst.name not in route.listeners:
+                continue
+            verify = effective_verify(route, lst)
+            trust = route.trust or lst.trust
+            if verify in ("chain", "chain+thumbprint") and trust is None:
+                raise ConfigError(
+                    f"route '{route.name}': verify = {verify!r} on listener '{lst.name}' "
+                    "needs a trust bundle (set trust on the route or the listener)"
+                )
+            try:
+                verifiers[(route.name, lst.name)] = build_route_verifier(
+                    trust, route.crl, route.thumbprints)
+            except GatewayError as exc:
+                raise ConfigError(f"route '{route.name}': {exc}") from None
+    return verifiers
 
 
 def build_runtime(config: Config) -> Runtime:
@@ -72,6 +119,7 @@ def build_runtime(config: Config) -> Runtime:
     for lst in config.listeners:
         if not lst.tls:
             continue
+        _warn_retired(f"listener '{lst.name}'", lst.profile)
         server_tls[lst.name] = build_server(ServerTLSSettings(
             identities=tuple(_identity(c) for c in lst.certificates),
             profile=lst.profile,
@@ -86,6 +134,7 @@ def build_runtime(config: Config) -> Runtime:
         bt = route.backend_tls
         if bt is None:
             continue
+        _warn_retired(f"route '{route.name}' backend_tls", bt.profile)
         backend_tls[route.name] = build_client(ClientTLSSettings(
             profile=bt.profile,
             verify=bt.verify,
@@ -94,7 +143,9 @@ def build_runtime(config: Config) -> Runtime:
             thumbprints=bt.thumbprints,
             identity=_identity(bt.certificate) if bt.certificate else None,
         ))
-    return Runtime(config=config, server_tls=server_tls, backend_tls=backend_tls)
+    return Runtime(config=config, server_tls=server_tls, backend_tls=backend_tls,
+                   route_verifiers=_route_verifiers(config),
+                   ocsp=OCSPChecker(timeout=config.gateway.connect_timeout))
 
 
 def load_runtime(path: str | Path) -> Runtime:
@@ -113,10 +164,13 @@ class GatewayServer:
         runtime: Runtime,
         *,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        hub: EventHub | None = None,
     ) -> None:
         self.runtime = runtime
         self.counters = Counters()
-        self.on_event = on_event
+        # Metrics and audit see the same events as the logs (observe/hub.py).
+        self.hub = hub
+        self.on_event = on_event or (hub.emit if hub is not None else None)
         self.draining = False
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self._stop = trio.Event()
@@ -127,6 +181,12 @@ class GatewayServer:
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
         self._stop.set()
+
+    def _event(self, event: str, level: str = "info", **fields: Any) -> None:
+        """Log a process-level event and hand it to ``on_event`` (metrics, audit)."""
+        getattr(log, level)(event, **fields)
+        if self.on_event is not None:
+            self.on_event(event, fields)
 
     async def reload(self) -> bool:
         """Re-read the config file and certificates (SIGHUP).
@@ -140,7 +200,7 @@ class GatewayServer:
         try:
             new = load_runtime(path)
         except GatewayError as exc:
-            log.error("config.reload_failed", path=str(path), error=str(exc))
+            self._event("config.reload_failed", "error", path=str(path), error=str(exc))
             return False
         old = {lst.name: lst for lst in self.runtime.config.listeners}
         wanted = {lst.name: lst for lst in new.config.listeners}
@@ -160,8 +220,8 @@ class GatewayServer:
             for socks in opened.values():
                 for sl in socks:
                     await sl.aclose()
-            log.error("config.reload_failed", path=str(path),
-                      error=f"cannot listen: {exc.strerror or exc}")
+            self._event("config.reload_failed", "error", path=str(path),
+                        error=f"cannot listen: {exc.strerror or exc}")
             return False
         for name in retire:
             scope = self._listener_scopes.pop(name, None)
@@ -181,8 +241,11 @@ class GatewayServer:
                               address=f"{lst.host}:{lst.port}", error=exc.strerror or str(exc))
                     continue
             self._start_listener(lst, socks)
-        log.info("config.reloaded", path=str(path), routes=len(new.config.routes),
-                 listeners=sorted(wanted), added=[lst.name for lst in rebind], removed=retire)
+        if self.hub is not None:
+            self.hub.reconfigure(new.config)
+        self._event("config.reloaded", path=str(path), routes=len(new.config.routes),
+                    listeners=sorted(wanted), added=[lst.name for lst in rebind],
+                    removed=retire)
         return True
 
     async def _bind(self, lst: ListenerConfig) -> list[trio.SocketListener]:
@@ -209,11 +272,15 @@ class GatewayServer:
                 bound = [(lst, await self._bind(lst)) for lst in self.runtime.config.listeners]
                 for lst, socks in bound:
                     self._start_listener(lst, socks)
-                log.info("gateway.started", listeners=len(self.bound),
-                         routes=len(self.runtime.config.routes), pid=os.getpid())
+                self._event("gateway.started", listeners=len(self.bound),
+                            routes=len(self.runtime.config.routes), pid=os.getpid())
+                if self.hub is not None:
+                    self.hub.set_ready(True)
                 task_status.started()
                 await self._stop.wait()
                 self.draining = True
+                if self.hub is not None:
+                    self.hub.set_ready(False)  # /readyz: take us out of rotation
                 accept.cancel_scope.cancel()
             gw = self.runtime.config.gateway
             log.info("gateway.draining", active=self.counters.active,
@@ -224,7 +291,7 @@ class GatewayServer:
             if self.counters.active:
                 log.warning("gateway.drain_timeout", aborting=self.counters.active)
             conns.cancel_scope.cancel()
-        log.info("gateway.stopped", associations=self.counters.total)
+        self._event("gateway.stopped", associations=self.counters.total)
 
     async def _accept_loop(self, name: str, listener: trio.SocketListener,
                            conns: trio.Nursery, scope: trio.CancelScope) -> None:
@@ -272,21 +339,28 @@ async def run_gateway(config_path: str | Path, *,
 
     ``reuse_port``: this process is one of several workers sharing the listeners.
     """
-    server = GatewayServer(load_runtime(config_path))
+    runtime = load_runtime(config_path)
+    hub = EventHub(runtime.config)
+    server = GatewayServer(runtime, hub=hub)
     server.reuse_port = reuse_port
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            if on_ready:
-                on_ready(server)
+        async with trio.open_nursery() as observe:
+            # Admin endpoint and audit sender first: they report the start itself.
+            await observe.start(hub.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                if on_ready:
+                    on_ready(server)
 
-            async def watch() -> None:
-                async for sig in signals:
-                    if sig == signal.SIGHUP:
-                        await server.reload()
-                    else:
-                        log.info("gateway.signal", signal=signal.Signals(sig).name)
-                        server.stop()
-                        return
+                async def watch() -> None:
+                    async for sig in signals:
+                        if sig == signal.SIGHUP:
+                            await server.reload()
+                        else:
+                            log.info("gateway.signal", signal=signal.Signals(sig).name)
+                            server.stop()
+                            return
 
-            nursery.start_soon(watch)
+                nursery.start_soon(watch)
+            # Drained and stopped: let the Application Stop audit message out.
+            await hub.aclose()

@@ -21,6 +21,7 @@ import trio
 from .config import Config, ListenerConfig, RouteConfig
 from .dul.ae import validate_ae
 from .dul.codec import decode_pdu, encode_abort, encode_pdu, encode_reject
+from .dul.dimse import DimseInspector, DimseMessage
 from .dul.framer import PDUFramer, RawPDU, TLSOnPlainPortError
 from .dul.pdus import AssociateAC, AssociateRQ
 from .errors import ProtocolError, TLSError
@@ -29,8 +30,11 @@ from .proxy_protocol import read_proxy_header
 from .relay import Direction, End, RelayResult, relay
 from .routing import NoRoute, RouteRequest, select_route
 from .streams import PrefixedStream
+from .tls.certs import certificate_names
 from .tls.context import ClientTLS, ServerTLS, TLSEvidence, gather_evidence
+from .tls.ocsp import OCSPChecker
 from .tls.stream import TLSStream
+from .tls.verify import RouteVerifier
 
 log = structlog.get_logger("gateway")
 
@@ -59,6 +63,10 @@ class Runtime:
     config: Config
     server_tls: dict[str, ServerTLS]
     backend_tls: dict[str, ClientTLS]
+    #: (route name, listener name) → the route's trust, CRLs and pins, parsed at load.
+    route_verifiers: dict[tuple[str, str], RouteVerifier] = field(default_factory=dict)
+    #: OCSP answers for client certificates, cached for this configuration generation.
+    ocsp: OCSPChecker = field(default_factory=OCSPChecker)
 
 
 @dataclass
@@ -145,12 +153,18 @@ def _ip_of(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def _peer_identity(evidence: TLSEvidence | None) -> PeerIdentity | None:
     if evidence is None:
         return None
+    names: tuple[str, ...] = ()
+    if evidence.peer_chain:
+        # bind_calling_ae accepts DNS and dicom-ae: SANs, unprefixed (DESIGN §3).
+        leaf_names = certificate_names(evidence.peer_chain[0])
+        names = leaf_names.dns + leaf_names.ae_titles
     return PeerIdentity(
         has_certificate=evidence.sha256 is not None,
         chain_verified=evidence.chain_verified,
         verify_error=evidence.verify_error,
         common_name=evidence.common_name,
-        names=tuple(evidence.sans),
+        names=names,
+        chain=evidence.peer_chain,
     )
 
 
@@ -181,6 +195,7 @@ class Association:
         self.started = trio.current_time()
         self.up = Direction("client→backend")
         self.down = Direction("backend→client")
+        self.dimse_counts: dict[str, int] | None = None  # set when DIMSE is inspected
         self.assoc_id = secrets.token_hex(6)
         self._counted: str | None = None
         # "relay" once both sides are connected and associated: from then on an
@@ -430,8 +445,26 @@ class Association:
         route = self.route = found
         backend_desc = f"{route.backend.host}:{route.backend.port}"
         structlog.contextvars.bind_contextvars(route=route.name, backend=backend_desc)
-        decision = check_policy(route, self.listener, _peer_identity(self.evidence),
-                                rq.calling_ae)
+        self._inspect(route)
+        peer = _peer_identity(self.evidence)
+        verifier = self.rt.route_verifiers.get((route.name, self.listener.name))
+        # Every other check first: a responder named in the AIA of a certificate
+        # the route refuses anyway must never be contacted (that would let any
+        # client make the gateway fetch URLs of its choosing).
+        decision = check_policy(dataclasses.replace(route, ocsp="off"), self.listener, peer,
+                                rq.calling_ae, verifier=verifier)
+        if decision.allowed and route.ocsp != "off":
+            ocsp_result = None
+            if peer is not None and peer.chain:
+                leaf = peer.chain[0]
+                issuer = verifier.issuer_of(leaf, peer.chain[1:]) if verifier else None
+                ocsp_result = await self.rt.ocsp.check(leaf, issuer, route.ocsp_responder)
+                self._emit("ocsp.checked", "info" if ocsp_result.status.value == "good"
+                           else "warning", status=ocsp_result.status.value,
+                           detail=ocsp_result.detail, responder=ocsp_result.responder,
+                           cached=ocsp_result.cached, mode=route.ocsp)
+            decision = check_policy(route, self.listener, peer, rq.calling_ae,
+                                    verifier=verifier, ocsp=ocsp_result)
         if not decision.allowed:
             raise _Rejected(RJ_CALLING_AE_REFUSED, decision.reason, check=decision.check)
         self._count_in(route)
@@ -578,11 +611,43 @@ class Association:
         await self._abort_both(by, why)
 
     def _summary(self) -> dict[str, Any]:
-        return {
+        summary: dict[str, Any] = {
             "bytes_up": self.up.bytes,
             "bytes_down": self.down.bytes,
             "duration_s": round(trio.current_time() - self.started, 3),
         }
+        if self.dimse_counts is not None:
+            summary["dimse"] = dict(self.dimse_counts)
+        return summary
+
+    # -- DIMSE inspection (route.inspect = "dimse") ------------------------------------
+
+    def _inspect(self, route: RouteConfig) -> None:
+        """Swap in DIMSE inspectors for the relay (before the AC is fed to ``down``)."""
+        if route.inspect != "dimse" or self.dimse_counts is not None:
+            return
+        self.dimse_counts = {}
+        self.up = Direction(self.up.name, DimseInspector(
+            on_message=lambda m: self._on_dimse("up", m), on_error=self._on_dimse_error))
+        self.down = Direction(self.down.name, DimseInspector(
+            on_message=lambda m: self._on_dimse("down", m), on_error=self._on_dimse_error))
+
+    def _on_dimse(self, direction: str, m: DimseMessage) -> None:
+        # Summary key: the command, and for responses its status class.
+        key = f"{m.command} {m.status_class}" if m.status is not None else m.command
+        counts = self.dimse_counts
+        if counts is not None:
+            counts[key] = counts.get(key, 0) + 1
+        self._emit("dimse.message", command=m.command,
+                   message_id=m.message_id if m.message_id is not None
+                   else m.message_id_being_responded_to,
+                   sop_class=m.sop_class_name, sop_class_uid=m.affected_sop_class_uid,
+                   sop_instance=m.affected_sop_instance_uid, status=m.status_hex,
+                   status_class=m.status_class, direction=direction)
+
+    def _on_dimse_error(self, reason: str) -> None:
+        # Once per direction at most; the relay keeps moving bytes regardless.
+        self._emit("dimse.inspection_failed", "warning", reason=reason)
 
     def _why_ended(self, result: RelayResult) -> tuple[str, str]:
         """Who ended an association that was neither released nor aborted, and why."""

@@ -9,7 +9,7 @@ when the last one arrives the command set is decoded into a ``DimseMessage``.
 
 The command set is always group 0000 in implicit VR little endian (PS3.7 §6.3.1,
 §E.1).  It is walked here directly rather than with ``pydicom.filereader``:
-pydicom's ``read_dataset`` costs ~65 µs per command set against ~4 µs for this
+pydicom's ``read_dataset`` costs ~65 µs per command set against ~6 µs for this
 walk, which at a few thousand small C-STOREs per second is the difference
 between noise and a tenth of a core.  pydicom still supplies the knowledge:
 the VR of every command element comes from its data dictionary, and SOP class
@@ -41,8 +41,6 @@ __all__ = ["COMMAND_NAMES", "DimseInspector", "DimseMessage", "decode_command_se
 _PDV = struct.Struct(">LBB")  # item length, presentation context ID, message control header
 _PDV_LENGTH = _PDV.size
 _ELEMENT = struct.Struct("<HHL")  # group, element, value length (implicit VR LE)
-_US = struct.Struct("<H")
-_UL = struct.Struct("<L")
 _P_DATA = int(PDUType.P_DATA_TF)
 
 #: Command sets are a few hundred bytes; anything this large is not one (DoS bound).
@@ -146,9 +144,10 @@ class DimseMessage:
         return None if self.status is None else f"0x{self.status:04X}"
 
 
-def _text(value: bytes | memoryview) -> str:
-    # UI values are padded with NUL, AE/other strings with spaces (PS3.5 §6.2).
-    return bytes(value).rstrip(b"\x00 ").lstrip(b" ").decode("ascii", errors="replace")
+_US_KIND, _UL_KIND, _TEXT_KIND = 0, 1, 2
+_KIND = {"US": _US_KIND, "UL": _UL_KIND}
+# element -> (field name, how to decode); decoding is table-driven to stay cheap.
+_SPEC = {elem: (key, _KIND.get(_VR[elem], _TEXT_KIND)) for elem, key in _WANTED.items()}
 
 
 def decode_command_set(data: bytes | bytearray, context_id: int = 0) -> DimseMessage:
@@ -156,62 +155,50 @@ def decode_command_set(data: bytes | bytearray, context_id: int = 0) -> DimseMes
 
     Raises ``CommandSetError`` when the bytes are not a command set.
     """
-    view = memoryview(data)
-    size = len(view)
+    data = bytes(data)
+    size = len(data)
     pos = 0
+    unpack = _ELEMENT.unpack_from
     values: dict[str, int | str] = {}
     while pos < size:
-        if size - pos < _ELEMENT.size:
+        if size - pos < 8:
             raise CommandSetError(f"truncated element header at offset {pos}")
-        group, elem, length = _ELEMENT.unpack_from(view, pos)
-        pos += _ELEMENT.size
-        if group != 0x0000:
+        group, elem, length = unpack(data, pos)
+        pos += 8
+        end = pos + length
+        if group:
             raise CommandSetError(f"element ({group:04X},{elem:04X}) is not in group 0000")
-        if length == 0xFFFFFFFF or length > size - pos:
+        if end > size:
             raise CommandSetError(f"element (0000,{elem:04X}) length {length} overruns "
                                   f"the {size}-byte command set")
-        key = _WANTED.get(elem)
-        if key is not None:
-            vr = _VR[elem]
-            raw = view[pos : pos + length]
-            if vr == "US":
-                if length != 2:
-                    raise CommandSetError(f"(0000,{elem:04X}) US with length {length}")
-                values[key] = _US.unpack(raw)[0]
-            elif vr == "UL":
-                if length != 4:
-                    raise CommandSetError(f"(0000,{elem:04X}) UL with length {length}")
-                values[key] = _UL.unpack(raw)[0]
+        spec = _SPEC.get(elem)
+        if spec is not None:
+            key, kind = spec
+            if kind == _TEXT_KIND:
+                # UI values are padded with NUL, AE titles with spaces (PS3.5 §6.2).
+                values[key] = data[pos:end].strip(b"\x00 ").decode("ascii", "replace")
+            elif length != (2 if kind == _US_KIND else 4):
+                raise CommandSetError(f"(0000,{elem:04X}) has length {length}")
             else:
-                values[key] = _text(raw)
-        pos += length
-    field = values.get("command_field")
+                values[key] = int.from_bytes(data[pos:end], "little")
+        pos = end
+    get = values.get
+    field = get("command_field")
     if not isinstance(field, int):
         raise CommandSetError("no Command Field (0000,0100)")
-
-    def uid(a: str, b: str) -> str | None:
-        v = values.get(a) or values.get(b)
-        return str(v) if v else None
-
-    def num(k: str) -> int | None:
-        v = values.get(k)
-        return v if isinstance(v, int) else None
-
-    data_set_type = num("command_data_set_type")
-    move = values.get("move_destination")
+    data_set_type = get("command_data_set_type")
     return DimseMessage(
-        command=COMMAND_NAMES.get(field, f"0x{field:04X}"),
-        command_field=field,
-        context_id=context_id,
-        message_id=num("message_id"),
-        message_id_being_responded_to=num("message_id_being_responded_to"),
+        COMMAND_NAMES.get(field) or f"0x{field:04X}",
+        field,
+        context_id,
+        get("message_id"),  # type: ignore[arg-type]
+        get("message_id_being_responded_to"),  # type: ignore[arg-type]
         # N-* requests name their object in Requested SOP Class/Instance UID.
-        affected_sop_class_uid=uid("affected_sop_class_uid", "requested_sop_class_uid"),
-        affected_sop_instance_uid=uid("affected_sop_instance_uid",
-                                      "requested_sop_instance_uid"),
-        status=num("status"),
-        has_data_set=data_set_type is not None and data_set_type != _NO_DATA_SET,
-        move_destination=str(move) if move else None,
+        get("affected_sop_class_uid") or get("requested_sop_class_uid") or None,  # type: ignore[arg-type]
+        get("affected_sop_instance_uid") or get("requested_sop_instance_uid") or None,  # type: ignore[arg-type]
+        get("status"),  # type: ignore[arg-type]
+        data_set_type is not None and data_set_type != _NO_DATA_SET,
+        get("move_destination") or None,  # type: ignore[arg-type]
     )
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -31,6 +32,7 @@ __all__ = [
     "check_identity",
     "describe",
     "is_pkcs12",
+    "key_strength_problem",
     "load_certificates",
     "load_identity",
     "load_pkcs12",
@@ -347,6 +349,22 @@ def describe(cert: x509.Certificate) -> str:
     )
 
 
+def key_strength_problem(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` fails the B.13 minimums (RSA ≥ 2048, ECC ≥ 256, SHA-256+), or None."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        return f"RSA key of {key.key_size} bits (profile needs at least 2048)"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < 256:
+        return f"EC key on {key.curve.name} (profile needs at least 256 bits)"
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return None  # EdDSA carries its own hash
+    algo = cert.signature_hash_algorithm
+    if algo is None or algo.name not in ("sha256", "sha384", "sha512"):
+        name = algo.name if algo is not None else "unknown"
+        return f"signed with {name.upper()} (profile needs SHA-256 or stronger)"
+    return None
+
+
 # ----------------------------------------------------------------------
 # Identity check (for `check-config` and startup)
 
@@ -380,10 +398,12 @@ def check_identity(
     password: bytes | None = None,
     purpose: Literal["server", "client"] = "server",
     now: _dt.datetime | None = None,
+    strict_keys: bool = False,
 ) -> list[CertStatus]:
     """Check a certificate + key pair and report every finding, worst first.
 
     ``key_path`` None means a PKCS#12 bundle or a PEM with the key inside.
+    ``strict_keys`` adds the B.13 minimums (RSA ≥ 2048, ECC ≥ 256, SHA-256+).
     Never raises for a bad file: each problem is a :class:`CertStatus`.
     """
     if cert_path is None or str(cert_path) == "":
@@ -415,9 +435,10 @@ def check_identity(
         if "wrong password" in msg or "no password" in msg or "not encrypted" in msg:
             kp = key_path if key_path is not None else cp
             detail = msg.split(": ", 1)[1] if ": " in msg else msg
-            msg = f"{kp}: private key unreadable ({detail})"
-            if "wrong password" not in msg:
-                msg = msg[:-1] + "; wrong password?)"
+            if detail.startswith("private key unreadable"):
+                msg = f"{kp}: {detail}"
+            else:
+                msg = f"{kp}: private key unreadable ({detail}; wrong password?)"
         findings.append(CertStatus("error", msg))
 
     t = now or _dt.datetime.now(_dt.timezone.utc)
@@ -437,6 +458,10 @@ def check_identity(
     eku = _eku_problem(leaf, purpose)
     if eku:
         findings.append(CertStatus("error", f"{cp}: {eku}"))
+    weak = key_strength_problem(leaf) if strict_keys else None
+    if weak:
+        findings.append(
+            CertStatus("error", f"{cp}: {weak}; profile bcp195-rfc8996-mod refuses it"))
     if not any(f.level == "error" for f in findings):
         findings.append(CertStatus("ok", f"{cp}: OK: {describe(leaf)}"))
     order = {"error": 0, "warning": 1, "ok": 2}

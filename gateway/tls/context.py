@@ -39,7 +39,9 @@ from gateway.tls.certs import (
     parse_thumbprint,
     thumbprint,
 )
+from gateway.tls.ocsp import load_staple, staple_callback
 from gateway.tls.profiles import DEFAULT_PROFILE, Profile, apply_profile, get_profile
+from gateway.tls.verify import STRICT_KEY_PROFILES, key_strength_problem
 
 __all__ = [
     "ClientTLS",
@@ -74,6 +76,8 @@ class Identity:
     key: Path | None = None
     sni: tuple[str, ...] = ()
     key_password: bytes | None = field(default=None, repr=False)
+    #: DER OCSP response for this certificate, stapled for clients that ask.
+    staple: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -199,8 +203,20 @@ def _load_trust(ctx: SSL.Context, trust: Path, *, client_ca_list: bool) -> None:
             ctx.add_client_ca(cert)
 
 
-def _use_identity(ctx: SSL.Context, ident: Identity) -> x509.Certificate:
+def _use_identity(
+    ctx: SSL.Context, ident: Identity, profile: Profile | None = None
+) -> x509.Certificate:
     key, leaf, chain = load_identity(ident.cert, ident.key, ident.key_password)
+    if profile is not None and profile.name in STRICT_KEY_PROFILES:
+        # B.13 states its certificate minimums; say which file misses them
+        # rather than let OpenSSL's "ee key too small" speak for us.
+        for cert in (leaf, *chain):
+            problem = key_strength_problem(cert)
+            if problem:
+                raise CertificateError(
+                    f"{ident.cert}: certificate {cert.subject.rfc4514_string()}: {problem}; "
+                    f"profile {profile.name} refuses it"
+                )
     try:
         ctx.use_certificate(leaf)
         ctx.use_privatekey(key)  # type: ignore[arg-type]
@@ -320,7 +336,10 @@ def build_server(settings: ServerTLSSettings) -> ServerTLS:
         ctx = _base_context(profile, settings.min_version, settings.ciphers)
         # The server picks the strongest suite the client offers (BCP 195).
         ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
-        leaf = _use_identity(ctx, ident)
+        leaf = _use_identity(ctx, ident, profile)
+        if ident.staple is not None:
+            staple = load_staple(ident.staple, leaf)
+            ctx.set_ocsp_server_callback(staple_callback(staple))
         if settings.trust is not None:
             _load_trust(ctx, settings.trust, client_ca_list=asks)
         if asks:
@@ -441,7 +460,7 @@ def build_client(settings: ClientTLSSettings) -> ClientTLS:
         SSL.VERIFY_PEER, _strict_verify if settings.verify == "chain" else _lenient_verify
     )
     if settings.identity is not None:
-        _use_identity(ctx, settings.identity)
+        _use_identity(ctx, settings.identity, profile)
     return ClientTLS(settings, ctx, pins)
 
 

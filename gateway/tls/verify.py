@@ -22,14 +22,20 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 
 from gateway.errors import CertificateError
-from gateway.tls.certs import fingerprint_bytes, load_certificates, parse_thumbprint, thumbprint
+from gateway.tls.certs import (
+    fingerprint_bytes,
+    key_strength_problem,
+    load_certificates,
+    parse_thumbprint,
+    thumbprint,
+)
 
 __all__ = [
+    "STRICT_KEY_PROFILES",
     "ChainResult",
     "RouteVerifier",
     "build_route_verifier",
@@ -38,6 +44,10 @@ __all__ = [
     "leaf_summary",
     "load_crls",
 ]
+
+#: Profiles whose certificate minimums (RSA ≥ 2048, ECC ≥ 256, SHA-256+) are
+#: enforced on our own certificates at load and on peers' by the route policy.
+STRICT_KEY_PROFILES = frozenset({"bcp195-rfc8996-mod"})
 
 # OpenSSL X509_V_ERR_* codes that come from revocation checking, so the
 # operator reads "crl" rather than "chain" as the failed check.
@@ -95,22 +105,6 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def key_strength_problem(cert: x509.Certificate) -> str | None:
-    """Why ``cert`` fails the B.13 minimums (RSA ≥ 2048, ECC ≥ 256, SHA-256+), or None."""
-    key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        return f"RSA key of {key.key_size} bits (profile needs at least 2048)"
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < 256:
-        return f"EC key on {key.curve.name} (profile needs at least 256 bits)"
-    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return None  # EdDSA carries its own hash
-    algo = cert.signature_hash_algorithm
-    if algo is None or algo.name not in ("sha256", "sha384", "sha512"):
-        name = algo.name if algo is not None else "unknown"
-        return f"signed with {name.upper()} (profile needs SHA-256 or stronger)"
-    return None
-
-
 def _eku_allows_client(cert: x509.Certificate) -> bool:
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -149,7 +143,11 @@ class RouteVerifier:
         try:
             ctx.verify_certificate()
         except crypto.X509StoreContextError as exc:
-            code, depth, text = (list(exc.errors) + [0, 0, str(exc)])[:3]
+            # pyOpenSSL reports [error code, depth, OpenSSL's text].
+            errors = list(exc.errors)
+            code = int(errors[0]) if errors else 0
+            depth = errors[1] if len(errors) > 1 else 0
+            text = str(errors[2]) if len(errors) > 2 else str(exc)
             return ChainResult(False, f"{text} (depth {depth})", crl=int(code) in _CRL_ERRORS)
         if not _eku_allows_client(leaf):
             return ChainResult(False, "certificate is not usable for TLS client authentication "

@@ -536,7 +536,9 @@ class GatewayProcess:
 
 @pytest.fixture
 def gateway(procs: ProcessTracker, tmp_path: Path):
-    """Factory: ``gateway(listeners, routes, settings=None, log_level="info")``.
+    """Factory: ``gateway(listeners, routes, settings=None, log_level="info", sections=None)``.
+
+    ``sections`` adds top-level tables such as ``[admin]`` and ``[audit]``.
 
     Each listener dict gets ``listen = "127.0.0.1:<free port>"`` unless it has one.
     Waits (10 s) until every listener port listens, else fails with the gateway's output.
@@ -553,6 +555,7 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
         *,
         settings: dict | None = None,
         log_level: str = "info",
+        sections: dict | None = None,
     ) -> GatewayProcess:
         nonlocal n
         n += 1
@@ -567,6 +570,7 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
         config = {
             "gateway": {**GATEWAY_SETTINGS, **(settings or {})},
             "log": {"format": "json", "level": log_level},
+            **(sections or {}),  # e.g. {"admin": {...}, "audit": {...}}
             "listener": lst,
             "route": list(routes),
         }
@@ -597,3 +601,87 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
             + "\n".join(json.dumps(r)[:3000] for _, c in crashed for r in c),
             pytrace=False,
         )
+
+
+# --------------------------------------------------------------------------- shared gateway
+#
+# Added for the robustness suite (issue 4): one gateway (and its pynetdicom backend)
+# per test module, for tables of many small cases that each leave the gateway as they
+# found it. Tests tell their connections apart by the log's ``peer`` field.
+
+
+@pytest.fixture(scope="module")
+def module_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessTracker]:
+    tracker = ProcessTracker(tmp_path_factory.mktemp("module-proc-logs"))
+    try:
+        yield tracker
+    finally:
+        tracker.close()
+
+
+@pytest.fixture(scope="module")
+def module_gateway(module_procs: ProcessTracker, tmp_path_factory: pytest.TempPathFactory):
+    """Like ``gateway`` but module-scoped: ``module_gateway(listeners, routes, settings=)``."""
+    if not gateway_available():
+        pytest.fail("gateway package has no gateway/__main__.py or gateway/cli.py yet")
+    directory = tmp_path_factory.mktemp("module-gateway")
+    started: list[GatewayProcess] = []
+
+    def start(
+        listeners: Sequence[dict],
+        routes: Sequence[dict],
+        *,
+        settings: dict | None = None,
+        log_level: str = "info",
+    ) -> GatewayProcess:
+        ports: dict[str, int] = {}
+        lst = []
+        for listener in listeners:
+            listener = dict(listener)
+            listener.setdefault("listen", f"{HOST}:{free_port()}")
+            ports[listener["name"]] = int(str(listener["listen"]).rsplit(":", 1)[1])
+            lst.append(listener)
+        config = {
+            "gateway": {**GATEWAY_SETTINGS, **(settings or {})},
+            "log": {"format": "json", "level": log_level},
+            "listener": lst,
+            "route": list(routes),
+        }
+        cfg = directory / f"gateway{len(started) + 1}.toml"
+        cfg.write_text(to_toml(config))
+        proc, out, err = module_procs.spawn(
+            gateway_command("run", cfg), f"gateway{len(started) + 1}", env=gateway_env(), cwd=MAIN
+        )
+        gw = GatewayProcess(proc, cfg, ports, out, err, config)
+        if not wait_listening(ports.values(), proc, 10):
+            rc = proc.poll()
+            ProcessTracker.stop(proc)
+            pytest.fail(f"gateway did not listen on {ports} within 10 s (rc={rc})\n{gw.output()}")
+        started.append(gw)
+        return gw
+
+    yield start
+    crashed = [r for gw in started for r in gw.crashes()]
+    if crashed:
+        pytest.fail(
+            "gateway logged crashes:\n" + "\n".join(json.dumps(r)[:3000] for r in crashed),
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def module_pynetdicom_scp():
+    """Module-scoped ``pynetdicom_scp`` factory (same arguments)."""
+    started: list[PynetdicomSCP] = []
+
+    def start(ae_title: str = "PACS", *, ssl_context=None, store_delay: float = 0.0):
+        scp = PynetdicomSCP(ae_title, free_port(), store_delay=store_delay)
+        started.append(scp)
+        scp.start(ssl_context)
+        if not wait_listening([scp.port], None, 5):
+            pytest.fail(f"pynetdicom SCP {ae_title} did not listen on {scp.port}")
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop()

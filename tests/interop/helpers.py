@@ -816,9 +816,7 @@ def assoc_rq_bytes(
     """A valid A-ASSOCIATE-RQ (one presentation context, id 1); knobs to break it."""
     pc = raw_item(
         0x20,
-        bytes([1, 0, 0, 0])
-        + raw_item(0x30, abstract.encode())
-        + raw_item(0x40, transfer.encode()),
+        bytes([1, 0, 0, 0]) + raw_item(0x30, abstract.encode()) + raw_item(0x40, transfer.encode()),
     )
     ui_body = raw_item(0x51, struct.pack(">L", max_length)) + raw_item(
         0x52, TEST_IMPLEMENTATION_UID.encode()
@@ -856,8 +854,7 @@ def assoc_ac_for(rq: bytes) -> bytes:
         items += raw_item(0x21, bytes([body[0], 0, 0, 0]) + raw_item(0x40, ts))
     items += raw_item(
         0x50,
-        raw_item(0x51, struct.pack(">L", 16384))
-        + raw_item(0x52, TEST_IMPLEMENTATION_UID.encode()),
+        raw_item(0x51, struct.pack(">L", 16384)) + raw_item(0x52, TEST_IMPLEMENTATION_UID.encode()),
     )
     return raw_pdu(0x02, struct.pack(">HH", 1, 0) + called + calling + bytes(32) + items)
 
@@ -878,6 +875,7 @@ RELEASE_RP = raw_pdu(0x06, bytes(4))
 
 def echo_pdata() -> bytes:
     """A P-DATA-TF with one PDV: a C-ECHO-RQ command (context 1, command, last)."""
+
     def elem(tag_group: int, tag_elem: int, value: bytes) -> bytes:
         return struct.pack("<HHL", tag_group, tag_elem, len(value)) + value
 
@@ -1034,7 +1032,12 @@ class FakeBackend:
 
     mode ``"silent"``: accept TCP, read, never answer (backend_timeout);
     mode ``"accept"``: answer every A-ASSOCIATE-RQ with an AC, then read and record
-    every PDU and answer nothing (e.g. an A-RELEASE-RQ left unanswered).
+    every PDU and answer nothing (e.g. an A-RELEASE-RQ left unanswered);
+    mode ``"stall"``: answer the RQ with an AC, then never read again (backpressure);
+    mode ``"flood"``: answer the RQ with an AC, then send P-DATA-TF as fast as the
+    connection takes it (``flooded`` counts the bytes);
+    mode ``"cut"``: answer the RQ with an AC, send one P-DATA-TF and the first 5000
+    bytes of a second, then close (a backend dying in the middle of a PDU).
     ``pdu_types`` lists the first byte of every PDU received (all connections).
     """
 
@@ -1044,6 +1047,7 @@ class FakeBackend:
         self.port: int = self.server.getsockname()[1]
         self.pdu_types: list[int] = []
         self.connections = 0
+        self.flooded = 0
         self._socks: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
@@ -1082,9 +1086,34 @@ class FakeBackend:
                 pdu = bytes(buf[: 6 + n])
                 del buf[: 6 + n]
                 self.pdu_types.append(pdu[0])
-                if self.mode == "accept" and pdu[0] == 0x01:
+                if self.mode != "silent" and pdu[0] == 0x01:
                     with contextlib.suppress(OSError):
                         conn.sendall(assoc_ac_for(pdu))
+                    if self.mode == "stall":
+                        self._stop.wait()
+                        return
+                    if self.mode == "cut":
+                        pdv = struct.pack(">L", 16386) + bytes([1, 0]) + bytes(16384)
+                        pdata = raw_pdu(0x04, pdv)
+                        with contextlib.suppress(OSError):
+                            conn.sendall(pdata + pdata[:5000])
+                            time.sleep(0.2)
+                            conn.shutdown(socket.SHUT_RDWR)
+                        conn.close()
+                        return
+                    if self.mode == "flood":
+                        self._flood(conn)
+                        return
+
+    def _flood(self, conn: socket.socket) -> None:
+        chunk = raw_pdu(0x04, struct.pack(">L", 65536 - 4) + bytes([1, 0]) + bytes(65536 - 6))
+        conn.settimeout(None)  # blocks while the gateway pushes back; close() ends it
+        while not self._stop.is_set():
+            try:
+                conn.sendall(chunk)
+            except OSError:
+                return
+            self.flooded += len(chunk)
 
     def wait_for_pdu(self, pdu_type: int, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -1097,6 +1126,10 @@ class FakeBackend:
         with contextlib.suppress(OSError):
             self.server.close()
         for s in self._socks:
+            # shutdown first: it also ends a sendall blocked in another thread, so a
+            # flooding backend really dies in the middle of a PDU
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
         self._thread.join(2)
@@ -1146,3 +1179,139 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+# --------------------------------------------------------------------------- policy PKI
+# Certificates with the properties the per-route policy tests need (validity,
+# names, AIA OCSP URL, key size), CRLs and an `openssl ocsp` index. Additive:
+# built on _CA, nothing above changes.
+
+
+def new_ca(cn: str) -> _CA:
+    """A fresh self-signed test CA (RSA-2048, SHA-256, valid ±30 days)."""
+    return _CA(cn)
+
+
+def write_ca(ca: _CA, directory: Path, stem: str) -> tuple[Path, Path]:
+    """Write a CA's certificate and (unencrypted) key; (cert, key)."""
+    cert_path = ca.write(directory / f"{stem}.pem")
+    key_path = directory / f"{stem}.key"
+    _write_key(ca.key, key_path)
+    return cert_path, key_path
+
+
+def issue_cert(
+    ca: _CA,
+    directory: Path,
+    stem: str,
+    cn: str,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+    ocsp_url: str | None = None,
+    key_size: int = 2048,
+    eku: Sequence[x509.ObjectIdentifier] = (
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ),
+    ocsp_signing: bool = False,
+) -> CertKey:
+    """A leaf certificate from ``ca`` with the given names, validity and extensions."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - datetime.timedelta(hours=1))
+        .not_valid_after(not_after or now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [*eku, *([ExtendedKeyUsageOID.OCSP_SIGNING] if ocsp_signing else [])]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    sans += [x509.UniformResourceIdentifier(u) for u in uris]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if ocsp_url:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        x509.oid.AuthorityInformationAccessOID.OCSP,
+                        x509.UniformResourceIdentifier(ocsp_url),
+                    )
+                ]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(ca.key, hashes.SHA256())
+    cert_path = directory / f"{stem}.pem"
+    key_path = directory / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, key_path)
+    return CertKey(cert_path, key_path)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def write_crl(ca: _CA, path: Path, revoked: Sequence[Path] = ()) -> Path:
+    """A CRL from ``ca`` (valid for a day) listing the certificates in ``revoked``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.name)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=1))
+    )
+    for cert_path in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(load_cert(cert_path).serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=1))
+            .build()
+        )
+    crl = builder.sign(ca.key, hashes.SHA256())
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def write_ocsp_index(path: Path, good: Sequence[Path] = (), revoked: Sequence[Path] = ()) -> Path:
+    """An ``openssl ocsp -index`` file: V lines for ``good``, R lines for ``revoked``."""
+
+    def line(flag: str, cert_path: Path) -> str:
+        cert = load_cert(cert_path)
+        expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
+        revoked_at = (
+            (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1))
+            .strftime("%y%m%d%H%M%SZ")
+            if flag == "R"
+            else ""
+        )
+        subject = "/" + "/".join(
+            f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject
+        )
+        serial = f"{cert.serial_number:X}"
+        serial = "0" * (len(serial) % 2) + serial  # openssl writes whole bytes
+        return f"{flag}\t{expiry}\t{revoked_at}\t{serial}\tunknown\t{subject}\n"
+
+    path.write_text(
+        "".join(line("V", p) for p in good) + "".join(line("R", p) for p in revoked)
+    )
+    return path

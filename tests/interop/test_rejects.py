@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from .conftest import client_ssl_context
@@ -151,8 +153,49 @@ def test_no_client_cert_on_required_listener(pki, storescp, gateway):
     assert rc == 0, out + gw.output()
 
 
-def test_plain_dicom_on_tls_listener_is_not_accepted(pki, storescp, gateway):
+def _records_saying(gw, word: str, timeout: float = 5.0) -> list[dict]:
+    """Log records other than startup ones with ``word`` in a string value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            r
+            for r in gw.logs()
+            if r.get("event") not in ("listener.started", "gateway.started")
+            and any(
+                isinstance(v, str) and word in v.lower()
+                for k, v in r.items()
+                if k not in ("listener", "timestamp", "level")
+            )
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_tls_client_on_plain_listener_is_recognised(pki, storescp, gateway):
+    """DESIGN §2: a TLS ClientHello on a plain listener is logged as exactly that."""
+    scp = storescp()
+    gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
+    rc, out = run_dcmtk(
+        [
+            "echoscu",
+            *pki.client.dcmtk_tls,
+            "+cf",
+            pki.gateway_ca,
+            "-aec",
+            "ARCHIVE",
+            HOST,
+            gw.port("plain"),
+        ],
+        timeout=30,
+    )
+    assert rc != 0, out
+    assert _records_saying(gw, "tls"), "no log line says TLS arrived\n" + gw.output()
+
+
+def test_plain_dicom_on_tls_listener_is_recognised(pki, storescp, gateway):
     scp = storescp()
     gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
     rc, out = run_dcmtk(["echoscu", "-aec", "ARCHIVE", HOST, gw.port("tls")], timeout=30)
-    assert rc != 0, out + gw.output()
+    assert rc != 0, out
+    assert _records_saying(gw, "plain"), "no log line says plain DICOM arrived\n" + gw.output()

@@ -48,8 +48,11 @@ def _alive(pid: int) -> bool:
 
 def test_two_workers_share_the_listener_restart_and_stop(storescp, gateway):
     scp = storescp()
-    gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)],
-                 settings={"workers": 2, "shutdown_grace": 2})
+    gw = gateway(
+        [plain_listener()],
+        [route("archive", "ARCHIVE", scp.port)],
+        settings={"workers": 2, "shutdown_grace": 2},
+    )
     port = gw.port("plain")
     _wait(lambda: len(_workers(gw)) == 2, 10, "two workers to start", gw)
     first = _workers(gw)
