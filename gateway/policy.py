@@ -102,7 +102,9 @@ def check_policy(
 
     if verify in ("chain", "chain+thumbprint"):
         assert peer is not None
-        if verifier is not None and leaf is not None:
+        if verifier is not None and leaf is not None and not (
+            verifier.same_as_handshake and peer.chain_verified is True
+        ):
             result = verifier.verify_chain(peer.chain)
             if not result.ok:
                 what = "revoked or revocation unknown" if result.crl else "not trusted"

@@ -17,6 +17,9 @@ from .dul.tracker import PDUTracker
 
 #: Bytes asked of the source per read. 256 KiB: the measured sweet spot (§9).
 CHUNK = 256 * 1024
+#: Largest incomplete PDU the relay holds back (see ``_pump``). Peers negotiate
+#: 16-128 KiB PDUs in practice; anything bigger is streamed through unbuffered.
+HOLD_LIMIT = 4 * 1024 * 1024
 
 
 class End(enum.Enum):
@@ -47,6 +50,23 @@ class Direction:
     error: str | None = None
     #: PDU type that broke the protocol, if any (e.g. a second A-ASSOCIATE-RQ).
     violation: int | None = None
+    #: True while the destination has part of a PDU (only for PDUs > HOLD_LIMIT).
+    mid_pdu: bool = False
+    #: Bytes of an incomplete PDU held back until the rest arrives.
+    pending: bytearray | None = None
+
+    def split_whole(self, data: bytes) -> bytes:
+        """Feed ``data`` and return its part that ends on a PDU boundary; keep the rest.
+
+        For bytes that reach the relay outside ``_pump`` (behind the RQ or the AC).
+        """
+        self.tracker.feed(data)
+        held = self.tracker.partial
+        if not held or held > HOLD_LIMIT:
+            self.mid_pdu = held > HOLD_LIMIT
+            return data
+        self.pending = bytearray(data[len(data) - held:])
+        return data[: len(data) - held]
 
     def __post_init__(self) -> None:
         self.tracker.on_pdu = self._check_type
@@ -58,11 +78,7 @@ class Direction:
     @property
     def destination_clean(self) -> bool:
         """Can a whole PDU still be written to this direction's destination?"""
-        return (
-            not self.sending
-            and self.tracker.at_boundary
-            and self.end is not End.DESTINATION_BROKEN
-        )
+        return not self.sending and not self.mid_pdu and self.end is not End.DESTINATION_BROKEN
 
 
 @dataclass
@@ -111,6 +127,7 @@ async def _pump(
     done: trio.CancelScope,
 ) -> None:
     receive, send, feed, tracker = src.receive_some, dst.send_all, d.tracker.feed, d.tracker
+    pending, d.pending = d.pending, None
     try:
         while True:
             try:
@@ -130,17 +147,34 @@ async def _pump(
                 # A release that is never answered must not hold the association.
                 timers.release_armed = True
                 timers.release.deadline = trio.current_time() + timers.release_timeout
+            # One shared deadline for both directions: a long C-STORE keeps the
+            # quiet response direction alive too.
+            timers.idle.deadline = trio.current_time() + timers.idle_timeout
+            # Forward whole PDUs only: an incomplete trailing PDU is held back until
+            # its end arrives, so that if the source dies now the destination sits
+            # on a PDU boundary and still gets a clean A-ABORT (never a truncated
+            # PDU it might half-process). Only a PDU larger than HOLD_LIMIT is
+            # streamed as it comes, to keep memory per connection bounded.
+            held = tracker.partial
+            buf = data
+            if pending is not None:
+                pending += data
+                buf, pending = pending, None
+            if held and held <= HOLD_LIMIT:
+                cut = len(buf) - held
+                pending = bytearray(memoryview(buf)[cut:])
+                if cut == 0:
+                    continue
+                buf = memoryview(buf)[:cut]
+            d.mid_pdu = held > HOLD_LIMIT
             d.sending = True
             try:
-                await send(data)
+                await send(buf)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 d.end, d.error = End.DESTINATION_BROKEN, str(exc.__cause__ or exc)
                 return
             d.sending = False
-            d.bytes += len(data)
-            # One shared deadline for both directions: a long C-STORE keeps the
-            # quiet response direction alive too.
-            timers.idle.deadline = trio.current_time() + timers.idle_timeout
+            d.bytes += len(buf)
     finally:
         # The first direction to end ends the relay; the session decides the rest.
         done.cancel()

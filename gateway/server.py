@@ -8,6 +8,7 @@ them (each cancelled association sends A-ABORT to both sides).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -106,8 +107,10 @@ def _route_verifiers(config: Config) -> dict[tuple[str, str], RouteVerifier]:
                     "needs a trust bundle (set trust on the route or the listener)"
                 )
             try:
-                verifiers[(route.name, lst.name)] = build_route_verifier(
-                    trust, route.crl, route.thumbprints)
+                verifier = build_route_verifier(trust, route.crl, route.thumbprints)
+                if route.trust is None and not route.crl:
+                    verifier = dataclasses.replace(verifier, same_as_handshake=True)
+                verifiers[(route.name, lst.name)] = verifier
             except GatewayError as exc:
                 raise ConfigError(f"route '{route.name}': {exc}") from None
     return verifiers

@@ -481,8 +481,7 @@ class Association:
         try:
             # Bytes a client sent right behind its RQ belong to the relay: the
             # tracker must see them to keep its PDU boundaries right.
-            pipelined = self._client_framer.take_remaining()
-            self.up.tracker.feed(pipelined)
+            pipelined = self.up.split_whole(self._client_framer.take_remaining())
             self.up.bytes += len(pipelined)
             await self.backend.send_all(forward + pipelined)
             answer, rest = await self._read_backend_answer()
@@ -549,8 +548,8 @@ class Association:
                 # The client must see the titles it sent (PS3.8: AC echoes the RQ).
                 data = encode_pdu(dataclasses.replace(
                     ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae))
+            rest = self.down.split_whole(rest)  # the AC itself is not part of the relay
             await self.client.send_all(data + rest)
-            self.down.tracker.feed(rest)  # the AC itself is not part of the relay
             self.down.bytes += len(data) + len(rest)
             self.phase = "relay"
             self._emit("association.accepted", **self._accepted_fields())

@@ -355,6 +355,7 @@ class DimseInspector(PDUTracker):
         self.at_boundary = remaining == 0 and not header
 
     def _saw_pdu(self, pdu_type: int, length: int) -> None:
+        self._length = length
         self.pdus += 1
         self.last_type = pdu_type
         if pdu_type == PDUType.RELEASE_RQ:

@@ -50,6 +50,7 @@ class PDUTracker:
 
     __slots__ = (
         "_header",
+        "_length",
         "_remaining",
         "at_boundary",
         "broken",
@@ -71,12 +72,26 @@ class PDUTracker:
         self.seen_abort = False
         self.broken = False
         self._remaining = 0  # body bytes of the current PDU not yet seen
+        self._length = 0  # body length of the current PDU
         self._header = bytearray()  # a header split across chunks (< 6 bytes)
 
     @property
     def remaining(self) -> int:
         """Body bytes of the current PDU still to come (0 at a boundary)."""
         return self._remaining
+
+    @property
+    def partial(self) -> int:
+        """Bytes of the current, still incomplete PDU fed so far (0 at a boundary).
+
+        The relay holds these back so that what it has forwarded always ends on
+        a PDU boundary, where an A-ABORT can still follow if the source dies.
+        """
+        if self._header:
+            return len(self._header)
+        if self._remaining:
+            return _HEADER_LENGTH + self._length - self._remaining
+        return 0
 
     @property
     def completed(self) -> int:
@@ -127,7 +142,7 @@ class PDUTracker:
                 self.seen_release_rp = True
             elif pdu_type == PDUType.ABORT:
                 self.seen_abort = True
-            remaining = length
+            remaining = self._length = length
             if self.on_pdu is not None:
                 self.on_pdu(pdu_type, length)
         self._remaining = remaining

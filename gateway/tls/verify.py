@@ -127,6 +127,10 @@ class RouteVerifier:
     anchors: tuple[x509.Certificate, ...] = field(default=(), repr=False)
     crl_files: tuple[Path, ...] = ()
     pins: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    #: True when this verifier would repeat exactly what the handshake already
+    #: checked (the listener's own trust, no CRLs): a verified handshake then
+    #: stands, and the per-association cost of a second chain walk is saved.
+    same_as_handshake: bool = False
 
     def verify_chain(self, chain: Sequence[x509.Certificate]) -> ChainResult:
         """Verify ``chain`` (leaf first, then what the client sent) now."""

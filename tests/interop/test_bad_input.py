@@ -228,9 +228,7 @@ def test_bad_protocol_version(gw):
     assert_still_serving(gw)
 
 
-@pytest.mark.parametrize(
-    ("field", "want"), [("called", (1, 1, 7)), ("calling", (1, 1, 3))]
-)
+@pytest.mark.parametrize(("field", "want"), [("called", (1, 1, 7)), ("calling", (1, 1, 3))])
 def test_all_space_ae_title(gw, field, want):
     kw = {f"{field}_raw": b" " * 16}
     with RawPeer(gw[0].port("plain")) as peer:

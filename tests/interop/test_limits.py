@@ -164,7 +164,7 @@ def test_backpressure_client_floods_stalled_backend(gateway):
         with raw_associate(gw.port("plain")) as peer:
             peer.sock.setblocking(False)
             chunk = _pdata(1 << 20)
-            sent, end = 0, time.monotonic() + 4
+            sent, end = 0, time.monotonic() + 2.5
             view = memoryview(chunk)
             pos = 0
             while time.monotonic() < end:
@@ -191,7 +191,7 @@ def test_backpressure_backend_floods_client_that_does_not_read(gateway):
         gw = gateway([plain_listener()], [route("a", "ARCHIVE", fb.port)], settings=FAST)
         rss0 = rss_kib(gw.proc.pid)
         with raw_associate(gw.port("plain")):
-            time.sleep(4)  # we never read; the backend keeps sending
+            time.sleep(2.5)  # we never read; the backend keeps sending
             rss1 = rss_kib(gw.proc.pid)
             flooded = fb.flooded
         growth_mb = (rss1 - rss0) / 1024
