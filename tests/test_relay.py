@@ -48,7 +48,7 @@ async def run(client_sends: list[bytes], backend_sends: list[bytes] = (), *,
             await trio.sleep(0.01)
         if close_client:
             await trio.sleep(0.1)  # like a requester: close after the answer came
-            await client_peer.aclose()
+            await client_peer.send_eof()
 
     async def backend() -> None:
         for data in backend_sends:
