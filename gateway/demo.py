@@ -146,10 +146,20 @@ def run_demo(config_path: Path | None = None) -> int:
     print(f"  listener     {tls_listener.name} 127.0.0.1:{tls_listener.port} (TLS)")
     print(f"  route        {route.name}: Called AE {route.called_ae} → "
           f"{route.backend.host}:{route.backend.port}")
-    shown = ("route", "calling_ae", "called_ae", "tls_version", "cipher", "client_subject",
-             "bytes_up", "bytes_down", "reason", "why")
+    # What each event adds; the association's context is printed once, with the first.
+    shown = {
+        "association.accepted": ("route", "calling_ae", "called_ae", "tls_version", "cipher",
+                                 "client_subject"),
+        "dimse.message": ("command", "sop_class", "status"),
+        "association.released": ("bytes_up", "bytes_down", "duration_s", "dimse"),
+        "association.rejected": ("result", "source", "reason", "why"),
+        "association.aborted": ("by", "reason"),
+        "tls.handshake_failed": ("reason",),
+    }
     for name, fields in events:
-        detail = ", ".join(f"{k}={fields[k]}" for k in shown if k in fields)
+        if name not in shown:
+            continue
+        detail = ", ".join(f"{k}={fields[k]}" for k in shown[name] if fields.get(k) is not None)
         print(f"  event        {name}: {detail}")
     echo, store = result.get("echo"), result.get("store")
     print(f"  C-ECHO       status {_status(echo)}")

@@ -492,11 +492,24 @@ Item = (
 # ---------------------------------------------------------------------------- PDUs
 
 
-class _AssociateMixin:
-    """Read-only conveniences shared by A-ASSOCIATE-RQ and -AC."""
+@dataclass(frozen=True, slots=True)
+class _Associate:
+    """Fields and read-only conveniences shared by A-ASSOCIATE-RQ and -AC.
 
-    __slots__ = ()
-    items: tuple[Item, ...]
+    The two PDUs have the same wire layout (see ``AssociateRQ``); only the
+    presentation context items inside them differ.  The subclasses stay separate
+    dataclasses, so an RQ never compares equal to an AC with the same fields.
+    """
+
+    protocol_version: int
+    called_ae: str
+    calling_ae: str
+    items: tuple[Item, ...] = ()
+    header_reserved: int = _hint(0)
+    reserved_8_9: int = _hint(0)
+    reserved_42_73: bytes = _hint(bytes(32))
+    called_ae_raw: bytes | None = _hint(None)
+    calling_ae_raw: bytes | None = _hint(None)
 
     @property
     def application_context_name(self) -> str | None:
@@ -532,7 +545,7 @@ class _AssociateMixin:
 
 
 @dataclass(frozen=True, slots=True)
-class AssociateRQ(_AssociateMixin):
+class AssociateRQ(_Associate):
     """A-ASSOCIATE-RQ PDU, type 01H (PS3.8 table 9-11).
 
     ======  ===========================================================
@@ -554,15 +567,6 @@ class AssociateRQ(_AssociateMixin):
     """
 
     pdu_type: ClassVar[int] = PDUType.ASSOCIATE_RQ
-    protocol_version: int
-    called_ae: str
-    calling_ae: str
-    items: tuple[Item, ...] = ()
-    header_reserved: int = _hint(0)
-    reserved_8_9: int = _hint(0)
-    reserved_42_73: bytes = _hint(bytes(32))
-    called_ae_raw: bytes | None = _hint(None)
-    calling_ae_raw: bytes | None = _hint(None)
 
     @property
     def presentation_contexts(self) -> tuple[PresentationContextRQItem, ...]:
@@ -570,7 +574,7 @@ class AssociateRQ(_AssociateMixin):
 
 
 @dataclass(frozen=True, slots=True)
-class AssociateAC(_AssociateMixin):
+class AssociateAC(_Associate):
     """A-ASSOCIATE-AC PDU, type 02H (PS3.8 table 9-17).
 
     The layout is the A-ASSOCIATE-RQ's.  The AE title fields (offsets 10-41) and
@@ -581,15 +585,6 @@ class AssociateAC(_AssociateMixin):
     """
 
     pdu_type: ClassVar[int] = PDUType.ASSOCIATE_AC
-    protocol_version: int
-    called_ae: str
-    calling_ae: str
-    items: tuple[Item, ...] = ()
-    header_reserved: int = _hint(0)
-    reserved_8_9: int = _hint(0)
-    reserved_42_73: bytes = _hint(bytes(32))
-    called_ae_raw: bytes | None = _hint(None)
-    calling_ae_raw: bytes | None = _hint(None)
 
     @property
     def presentation_contexts(self) -> tuple[PresentationContextACItem, ...]:
