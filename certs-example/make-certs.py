@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -28,19 +29,57 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 3650
+DEMO_ORG = "DICOM TLS Gateway demo"
+
+# The builders below are also the test suites' (tests/certgen.py loads this
+# file), so the demo PKI and the test PKIs cannot drift apart: options cover
+# what the tests need (no key usage, no EKU, extra extensions, other names).
+
+#: Key usage of a CA certificate.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+#: Key usage of a TLS leaf: signatures (ECDHE) and RSA key transport (old suites).
+LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=True,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+SERVER_AND_CLIENT = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
-def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def new_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def _name(cn: str, org: str = "DICOM TLS Gateway demo") -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
+def make_name(cn: str, org: str | None = DEMO_ORG) -> x509.Name:
+    """``O=org, CN=cn``, or only ``CN=cn`` when ``org`` is ``None``."""
+    attrs = [] if org is None else [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)]
+    return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def general_names(
+    dns: Sequence[str] = (), ips: Sequence[str] = (), uris: Sequence[str] = ()
+) -> list[x509.GeneralName]:
+    """Subject alternative names: DNS names, then IP addresses, then URIs."""
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    names += [x509.UniformResourceIdentifier(u) for u in uris]
+    return names
 
 
 def _validity() -> tuple[dt.datetime, dt.datetime]:
@@ -48,37 +87,103 @@ def _validity() -> tuple[dt.datetime, dt.datetime]:
     return now - dt.timedelta(days=1), now + dt.timedelta(days=VALID_DAYS)
 
 
-def make_ca(cn: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    """A self-signed CA certificate."""
-    key = _key()
-    start, end = _validity()
-    cert = (
+def _certificate(
+    signer: rsa.RSAPrivateKey,
+    issuer: x509.Name,
+    key: rsa.RSAPrivateKey,
+    subject: x509.Name,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    *,
+    basic: x509.BasicConstraints,
+    key_usage: x509.KeyUsage | None,
+    extensions: Sequence[x509.ExtensionType],
+) -> x509.Certificate:
+    """Sign ``key``'s certificate: basic constraints and key usage critical, the rest not."""
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(basic, critical=True)
     )
-    return key, cert
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def build_ca(
+    key: rsa.RSAPrivateKey,
+    subject: x509.Name,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    *,
+    path_length: int | None = 0,
+    key_usage: bool = True,
+) -> x509.Certificate:
+    """A self-signed CA certificate for ``key``."""
+    return _certificate(
+        key,
+        subject,
+        key,
+        subject,
+        not_before,
+        not_after,
+        basic=x509.BasicConstraints(ca=True, path_length=path_length),
+        key_usage=CA_KEY_USAGE if key_usage else None,
+        extensions=[x509.SubjectKeyIdentifier.from_public_key(key.public_key())],
+    )
+
+
+def build_leaf(
+    ca_key: rsa.RSAPrivateKey,
+    issuer: x509.Name,
+    key: rsa.RSAPrivateKey,
+    subject: x509.Name,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    *,
+    sans: Sequence[x509.GeneralName] = (),
+    eku: Sequence[x509.ObjectIdentifier] | None = SERVER_AND_CLIENT,
+    key_usage: bool = True,
+    subject_key_id: bool = False,
+    extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """A leaf certificate for ``key`` signed by ``ca_key``.
+
+    No EKU extension when ``eku`` is empty or ``None`` (usable for anything), no
+    SAN extension when ``sans`` is empty; ``extensions`` are added non-critical.
+    """
+    optional: list[x509.ExtensionType] = []
+    if eku:
+        optional.append(x509.ExtendedKeyUsage(list(eku)))
+    if subject_key_id:
+        optional.append(x509.SubjectKeyIdentifier.from_public_key(key.public_key()))
+    optional.append(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()))
+    if sans:
+        optional.append(x509.SubjectAlternativeName(list(sans)))
+    return _certificate(
+        ca_key,
+        issuer,
+        key,
+        subject,
+        not_before,
+        not_after,
+        basic=x509.BasicConstraints(ca=False, path_length=None),
+        key_usage=LEAF_KEY_USAGE if key_usage else None,
+        extensions=[*optional, *extensions],
+    )
+
+
+def make_ca(cn: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """A demo CA: a new key and its self-signed certificate."""
+    key = new_key()
+    return key, build_ca(key, make_name(cn), *_validity())
 
 
 def make_leaf(
@@ -90,58 +195,42 @@ def make_leaf(
     server: bool,
 ) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     """A leaf certificate for TLS server (and client) or client-only authentication."""
-    key = _key()
-    start, end = _validity()
-    eku = (
-        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-        if server
-        else [ExtendedKeyUsageOID.CLIENT_AUTH]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    key = new_key()
+    eku = SERVER_AND_CLIENT if server else (ExtendedKeyUsageOID.CLIENT_AUTH,)
+    cert = build_leaf(ca_key, ca_cert.subject, key, make_name(cn), *_validity(), sans=sans, eku=eku)
     return key, cert
 
 
-def _write(out: Path, stem: str, key: rsa.RSAPrivateKey, cert: x509.Certificate) -> None:
-    (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = out / f"{stem}.key"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: rsa.RSAPrivateKey, password: bytes | None = None) -> bytes:
+    """PKCS#8 PEM of a key, encrypted when ``password`` is given."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
     )
-    key_path.chmod(0o600)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def write_key(key: rsa.RSAPrivateKey, path: Path) -> Path:
+    """Write an unencrypted key readable by its owner only."""
+    path.write_bytes(key_pem(key))
+    path.chmod(0o600)
+    return path
+
+
+def write_pair(
+    out: Path, stem: str, key: rsa.RSAPrivateKey, cert: x509.Certificate
+) -> tuple[Path, Path]:
+    """Write ``stem.pem`` and ``stem.key`` into ``out``; return (cert path, key path)."""
+    cert_path = out / f"{stem}.pem"
+    cert_path.write_bytes(cert_pem(cert))
+    return cert_path, write_key(key, out / f"{stem}.key")
 
 
 def main(argv: list[str]) -> int:
@@ -150,35 +239,25 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     dns = x509.DNSName
-    ip = x509.IPAddress
     uri = x509.UniformResourceIdentifier
-    loopback = ip(ipaddress.ip_address("127.0.0.1"))
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+
+    def server(ca_key: rsa.RSAPrivateKey, ca: x509.Certificate, stem: str, name: str) -> None:
+        # Servers also answer as localhost / 127.0.0.1, so the demo works locally.
+        sans = [dns("localhost"), loopback, dns(name)]
+        write_pair(out, stem, *make_leaf(ca_key, ca, name, sans, server=True))
 
     ca_key, ca = make_ca("Demo DICOM Gateway CA")
-    _write(out, "ca", ca_key, ca)
-    k, c = make_leaf(
-        ca_key,
-        ca,
-        "gateway.example.org",
-        [dns("localhost"), loopback, dns("gateway.example.org")],
-        server=True,
-    )
-    _write(out, "gateway", k, c)
+    write_pair(out, "ca", ca_key, ca)
+    server(ca_key, ca, "gateway", "gateway.example.org")
     k, c = make_leaf(ca_key, ca, "pacs-a.example.org", [dns("pacs-a.example.org")], server=True)
-    _write(out, "pacs-a", k, c)
+    write_pair(out, "pacs-a", k, c)
     k, c = make_leaf(ca_key, ca, "CT01", [uri("dicom-ae:CT01")], server=False)
-    _write(out, "modality", k, c)
+    write_pair(out, "modality", k, c)
 
     bca_key, bca = make_ca("Demo Backend PACS CA")
-    _write(out, "backend-ca", bca_key, bca)
-    k, c = make_leaf(
-        bca_key,
-        bca,
-        "pacs.internal",
-        [dns("localhost"), loopback, dns("pacs.internal")],
-        server=True,
-    )
-    _write(out, "backend", k, c)
+    write_pair(out, "backend-ca", bca_key, bca)
+    server(bca_key, bca, "backend", "pacs.internal")
     print(f"demo certificates written to {out}")
     return 0
 

@@ -174,6 +174,15 @@ _V2_FAMILIES = {
     0x31: "UNIX",
     0x32: "UNIX",
 }
+_IPAddressType = type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]
+#: Families with IP addresses: their address block (src, dst, src port, dst
+#: port) and the address type.
+_V2_ADDRESS_BLOCKS: dict[int, tuple[struct.Struct, _IPAddressType]] = {
+    0x11: (_V2_INET, ipaddress.IPv4Address),
+    0x12: (_V2_INET, ipaddress.IPv4Address),
+    0x21: (_V2_INET6, ipaddress.IPv6Address),
+    0x22: (_V2_INET6, ipaddress.IPv6Address),
+}
 
 
 def _parse_v2(buf: bytes, max_size: int) -> ProxyHeader | None:
@@ -198,20 +207,13 @@ def _parse_v2(buf: bytes, max_size: int) -> ProxyHeader | None:
         # use the real connection endpoints and discard the protocol block".
         return ProxyHeader(2, Command.LOCAL, family, length=total)
     src = dst = None
-    if fam in (0x11, 0x12):
-        if body_len < _V2_INET.size:
-            raise _fail(f"v2 {family} block of {body_len} bytes is shorter than "
-                        f"{_V2_INET.size}")
-        s, d, sp, dp = _V2_INET.unpack_from(buf, _V2_FIXED)
-        src = (ipaddress.IPv4Address(s), sp)
-        dst = (ipaddress.IPv4Address(d), dp)
-    elif fam in (0x21, 0x22):
-        if body_len < _V2_INET6.size:
-            raise _fail(f"v2 {family} block of {body_len} bytes is shorter than "
-                        f"{_V2_INET6.size}")
-        s, d, sp, dp = _V2_INET6.unpack_from(buf, _V2_FIXED)
-        src = (ipaddress.IPv6Address(s), sp)
-        dst = (ipaddress.IPv6Address(d), dp)
+    if fam in _V2_ADDRESS_BLOCKS:
+        block, address = _V2_ADDRESS_BLOCKS[fam]
+        if body_len < block.size:
+            raise _fail(f"v2 {family} block of {body_len} bytes is shorter than {block.size}")
+        s, d, sp, dp = block.unpack_from(buf, _V2_FIXED)
+        src = (address(s), sp)
+        dst = (address(d), dp)
     # UNIX / UNSPEC with PROXY: no IP to report; the socket address stays. TLVs
     # after the addresses are skipped: ``total`` already covers them.
     return ProxyHeader(2, Command.PROXY, family, src, dst, total)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 import trio
+from cryptography import x509
 
 from .config import Config, ListenerConfig, RouteConfig
 from .dul.ae import validate_ae
@@ -116,12 +118,13 @@ async def _finish(stream: trio.abc.Stream, wait: float) -> None:
     Closing at once after an RJ/A-ABORT risks a TCP reset that destroys the
     very PDU we just sent; PS3.8 has the peer close and ARTIM bound the wait.
     """
-    with trio.move_on_after(wait):
-        try:
-            while await stream.receive_some(65536):
+    if wait > 0:  # with no time to wait, the read would be cancelled at once
+        with trio.move_on_after(wait):
+            try:
+                while await stream.receive_some(65536):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
     with trio.move_on_after(1):
         try:
             await stream.aclose()
@@ -142,6 +145,27 @@ async def _send_quietly(stream: trio.abc.SendStream, data: bytes, timeout: float
     return False
 
 
+async def _connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """Connect to ``host``; an address literal skips ``open_tcp_stream``.
+
+    ``open_tcp_stream`` resolves and races addresses (happy eyeballs) in a
+    nursery with a task per attempt; for the usual backend, one IP address,
+    a plain connect does the same work with a fraction of the Python.
+    """
+    try:
+        family = trio.socket.AF_INET6 if ipaddress.ip_address(host).version == 6 \
+            else trio.socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # sets TCP_NODELAY, as open_tcp_stream's does
+
+
 def _ip_of(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     host = peer.rsplit(":", 1)[0].strip("[]")
     try:
@@ -150,14 +174,21 @@ def _ip_of(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+@functools.lru_cache(maxsize=256)
+def _bindable_names(leaf: x509.Certificate) -> tuple[str, ...]:
+    # bind_calling_ae accepts DNS and dicom-ae: SANs, unprefixed (DESIGN §3).
+    # Cached: the evidence hands out the same certificate objects for a chain
+    # already seen (tls/context.py), so this parses each certificate once.
+    leaf_names = certificate_names(leaf)
+    return leaf_names.dns + leaf_names.ae_titles
+
+
 def _peer_identity(evidence: TLSEvidence | None) -> PeerIdentity | None:
     if evidence is None:
         return None
     names: tuple[str, ...] = ()
     if evidence.peer_chain:
-        # bind_calling_ae accepts DNS and dicom-ae: SANs, unprefixed (DESIGN §3).
-        leaf_names = certificate_names(evidence.peer_chain[0])
-        names = leaf_names.dns + leaf_names.ae_titles
+        names = _bindable_names(evidence.peer_chain[0])
     return PeerIdentity(
         has_certificate=evidence.sha256 is not None,
         chain_verified=evidence.chain_verified,
@@ -198,12 +229,18 @@ class Association:
         self.dimse_counts: dict[str, int] | None = None  # set when DIMSE is inspected
         self.assoc_id = secrets.token_hex(6)
         self._counted: str | None = None
+        # One bound logger for the association's life: the module-level proxy
+        # rebuilds a logger from the configuration on every call.
+        self._log = log.bind()
+        # The bound context as of the first DIMSE message (nothing is bound
+        # after the route), so per-message events need not collect it again.
+        self._relay_context: dict[str, Any] | None = None
         # "relay" once both sides are connected and associated: from then on an
         # ending that is not a release must reach both sides as an A-ABORT.
         self.phase = "setup"
 
     def _emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        getattr(log, level)(event, **fields)
+        getattr(self._log, level)(event, **fields)
         if self.on_event:
             self.on_event(event, {**structlog.contextvars.get_contextvars(), **fields})
 
@@ -354,7 +391,7 @@ class Association:
 
     async def _read_request(self) -> RawPDU | None:
         framer = PDUFramer(self.gw.max_pdu_length)
-        self._client_framer = framer
+        self._client_framer: PDUFramer | None = framer
         first = bytearray()
 
         async def receive(max_bytes: int) -> bytes:
@@ -451,7 +488,8 @@ class Association:
         # Every other check first: a responder named in the AIA of a certificate
         # the route refuses anyway must never be contacted (that would let any
         # client make the gateway fetch URLs of its choosing).
-        decision = check_policy(dataclasses.replace(route, ocsp="off"), self.listener, peer,
+        decision = check_policy(route if route.ocsp == "off" else
+                                dataclasses.replace(route, ocsp="off"), self.listener, peer,
                                 rq.calling_ae, verifier=verifier)
         if decision.allowed and route.ocsp != "off":
             ocsp_result = None
@@ -481,7 +519,10 @@ class Association:
         try:
             # Bytes a client sent right behind its RQ belong to the relay: the
             # tracker must see them to keep its PDU boundaries right.
-            pipelined = self.up.split_whole(self._client_framer.take_remaining())
+            # (The framer's buffer is not needed while the relay runs: drop it.)
+            framer, self._client_framer = self._client_framer, None
+            assert framer is not None
+            pipelined = self.up.split_whole(framer.take_remaining())
             self.up.bytes += len(pipelined)
             await self.backend.send_all(forward + pipelined)
             answer, rest = await self._read_backend_answer()
@@ -494,7 +535,7 @@ class Association:
         t0 = trio.current_time()
         try:
             with trio.fail_after(self.gw.connect_timeout):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(b.host, b.port)
+                stream: trio.abc.Stream = await _connect_tcp(b.host, b.port)
         except trio.TooSlowError:
             raise _Rejected(RJ_BACKEND_UNAVAILABLE,
                             f"backend did not accept within {self.gw.connect_timeout:g} s"
@@ -637,12 +678,23 @@ class Association:
         counts = self.dimse_counts
         if counts is not None:
             counts[key] = counts.get(key, 0) + 1
-        self._emit("dimse.message", command=m.command,
-                   message_id=m.message_id if m.message_id is not None
-                   else m.message_id_being_responded_to,
-                   sop_class=m.sop_class_name, sop_class_uid=m.affected_sop_class_uid,
-                   sop_instance=m.affected_sop_instance_uid, status=m.status_hex,
-                   status_class=m.status_class, direction=direction)
+        status_class = m.status_class
+        fields = {
+            "command": m.command,
+            "message_id": m.message_id if m.message_id is not None
+            else m.message_id_being_responded_to,
+            "sop_class": m.sop_class_name, "sop_class_uid": m.affected_sop_class_uid,
+            "sop_instance": m.affected_sop_instance_uid, "status": m.status_hex,
+            "status_class": status_class, "direction": direction,
+        }
+        # Once per message (thousands per second with small objects): what
+        # _emit does, without collecting the bound context for every event.
+        self._log.info("dimse.message", **fields)
+        if self.on_event:
+            context = self._relay_context
+            if context is None:
+                context = self._relay_context = structlog.contextvars.get_contextvars()
+            self.on_event("dimse.message", {**context, **fields})
 
     def _on_dimse_error(self, reason: str) -> None:
         # Once per direction at most; the relay keeps moving bytes regardless.
@@ -686,11 +738,17 @@ class Association:
     async def _close_both(self, told: list[str] | tuple[str, ...]) -> None:
         # A side we just sent an A-ABORT gets a moment to read it and close first;
         # the others are closed at once (after a release nothing is in flight).
+        ends = [(s, min(2.0, self.gw.release_timeout) if side in told else 0)
+                for side, s in (("client", self.client), ("backend", self.backend))
+                if s is not None]
+        if not told:
+            # The common case (release): two quick closes need no tasks.
+            for s, wait in ends:
+                await _finish(s, wait)
+            return
         async with trio.open_nursery() as n:
-            for side, s in (("client", self.client), ("backend", self.backend)):
-                if s is not None:
-                    n.start_soon(_finish, s, min(2.0, self.gw.release_timeout) if side in told
-                                 else 0)
+            for s, wait in ends:
+                n.start_soon(_finish, s, wait)
 
 
 class _Done(Exception):

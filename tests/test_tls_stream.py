@@ -9,6 +9,8 @@ import shutil
 import socket
 import ssl
 import subprocess
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 import trio
@@ -27,6 +29,7 @@ from gateway.tls.stream import TLSStream
 from tests.tls_helpers import PKI, get_pki, listen, stdlib_client_context, tcp_pair, trio_test
 
 MB = 1024 * 1024
+_T = TypeVar("_T")
 
 
 def server_settings(pki: PKI, **kw: object) -> ServerTLSSettings:
@@ -34,17 +37,51 @@ def server_settings(pki: PKI, **kw: object) -> ServerTLSSettings:
     return ServerTLSSettings(identities=(Identity(pki.server, pki.server_key),), **kw)  # type: ignore[arg-type]
 
 
+async def server_stream(settings: ServerTLSSettings) -> tuple[TLSStream, trio.SocketStream]:
+    """Our server ``TLSStream`` on a new TCP pair (no handshake yet), and the raw client end."""
+    server_tls = build_server(settings)
+    s_raw, c_raw = await tcp_pair()
+    return TLSStream(s_raw, server_tls.new_connection(), server_side=True), c_raw
+
+
+def stdlib_client(
+    c_raw: trio.SocketStream, client_ctx: ssl.SSLContext, hostname: str = "localhost"
+) -> trio.SSLStream[trio.SocketStream]:
+    return trio.SSLStream(c_raw, client_ctx, server_hostname=hostname)
+
+
+async def handshake_all(*streams: TLSStream | trio.SSLStream[trio.SocketStream]) -> None:
+    """Both ends' handshakes at once: each needs the other's records to finish."""
+    async with trio.open_nursery() as n:
+        for stream in streams:
+            n.start_soon(stream.do_handshake)
+
+
 async def handshake_pair(
     settings: ServerTLSSettings, client_ctx: ssl.SSLContext, hostname: str = "localhost"
 ) -> tuple[TLSStream, trio.SSLStream[trio.SocketStream]]:
-    server_tls = build_server(settings)
-    s_raw, c_raw = await tcp_pair()
-    srv = TLSStream(s_raw, server_tls.new_connection(), server_side=True)
-    cli = trio.SSLStream(c_raw, client_ctx, server_hostname=hostname)
-    async with trio.open_nursery() as n:
-        n.start_soon(srv.do_handshake)
-        n.start_soon(cli.do_handshake)
+    srv, c_raw = await server_stream(settings)
+    cli = stdlib_client(c_raw, client_ctx, hostname)
+    await handshake_all(srv, cli)
     return srv, cli
+
+
+async def server_refuses(
+    srv: TLSStream, cli: trio.SSLStream[trio.SocketStream], match: str
+) -> None:
+    """Run the stdlib client's handshake while ours must fail with ``TLSError(match)``."""
+
+    async def client() -> None:
+        # TLS 1.3: the client's handshake ends before the server decides, so
+        # the refusal only shows on the client's first read.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await cli.do_handshake()
+            await cli.receive_some()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(client)
+        with pytest.raises(TLSError, match=match):
+            await srv.do_handshake()
 
 
 async def recv_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
@@ -197,26 +234,10 @@ async def test_aclose_sends_close_notify_to_stdlib_peer() -> None:
 @trio_test
 async def test_required_client_cert_missing() -> None:
     pki = get_pki()
-    server_tls = build_server(server_settings(pki, client_cert="required"))
     with trio.fail_after(10):
-        s_raw, c_raw = await tcp_pair()
-        srv = TLSStream(s_raw, server_tls.new_connection(), server_side=True)
-        cli = trio.SSLStream(
-            c_raw, stdlib_client_context(pki, client_cert=False), server_hostname="localhost"
-        )
-
-        async def client() -> None:
-            # TLS 1.3: the client's handshake ends before the server decides.
-            try:
-                await cli.do_handshake()
-                await cli.receive_some()
-            except trio.BrokenResourceError:
-                pass
-
-        async with trio.open_nursery() as n:
-            n.start_soon(client)
-            with pytest.raises(TLSError, match="peer sent no certificate"):
-                await srv.do_handshake()
+        srv, c_raw = await server_stream(server_settings(pki, client_cert="required"))
+        cli = stdlib_client(c_raw, stdlib_client_context(pki, client_cert=False))
+        await server_refuses(srv, cli, "peer sent no certificate")
         # Idempotent: a second call reports the same failure.
         with pytest.raises(TLSError, match="peer sent no certificate"):
             await srv.do_handshake()
@@ -241,27 +262,12 @@ async def test_optional_client_cert_accepts_none() -> None:
 @trio_test
 async def test_untrusted_client_cert_refused_in_handshake() -> None:
     pki = get_pki()
-    server_tls = build_server(server_settings(pki))
     with trio.fail_after(10):
-        s_raw, c_raw = await tcp_pair()
-        srv = TLSStream(s_raw, server_tls.new_connection(), server_side=True)
-        cli = trio.SSLStream(
-            c_raw, stdlib_client_context(pki, rogue=True), server_hostname="localhost"
+        srv, c_raw = await server_stream(server_settings(pki))
+        cli = stdlib_client(c_raw, stdlib_client_context(pki, rogue=True))
+        await server_refuses(
+            srv, cli, "certificate verify failed: unable to get local issuer certificate"
         )
-
-        async def client() -> None:
-            try:
-                await cli.do_handshake()
-                await cli.receive_some()
-            except trio.BrokenResourceError:
-                pass
-
-        async with trio.open_nursery() as n:
-            n.start_soon(client)
-            with pytest.raises(
-                TLSError, match="certificate verify failed: unable to get local issuer certificate"
-            ):
-                await srv.do_handshake()
 
 
 @trio_test
@@ -283,10 +289,8 @@ async def test_evidence_first_records_chain_error() -> None:
 @trio_test
 async def test_plain_dicom_on_tls_port() -> None:
     pki = get_pki()
-    server_tls = build_server(server_settings(pki))
     with trio.fail_after(10):
-        s_raw, c_raw = await tcp_pair()
-        srv = TLSStream(s_raw, server_tls.new_connection(), server_side=True)
+        srv, c_raw = await server_stream(server_settings(pki))
         # Start of an A-ASSOCIATE-RQ: type 0x01, reserved, length, version 1.
         await c_raw.send_all(b"\x01\x00\x00\x00\x00\xcd\x00\x01\x00\x00" + b"STORESCP".ljust(16))
         expected = r"plain DICOM \(A-ASSOCIATE-RQ\) received on a TLS port"
@@ -299,10 +303,8 @@ async def test_plain_dicom_on_tls_port() -> None:
 @trio_test
 async def test_peer_closed_during_handshake() -> None:
     pki = get_pki()
-    server_tls = build_server(server_settings(pki))
     with trio.fail_after(10):
-        s_raw, c_raw = await tcp_pair()
-        srv = TLSStream(s_raw, server_tls.new_connection(), server_side=True)
+        srv, c_raw = await server_stream(server_settings(pki))
         await c_raw.aclose()
         with pytest.raises(TLSError, match="peer closed during handshake"):
             await srv.do_handshake()
@@ -358,10 +360,24 @@ async def test_sni_selects_identity_with_stdlib_client() -> None:
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 
-async def _serve_one(settings: ServerTLSSettings) -> tuple[trio.SocketListener, int, object]:
+async def serve_one(
+    settings: ServerTLSSettings,
+    serve: Callable[[TLSStream], Awaitable[None]],
+    run_peer: Callable[[int], Awaitable[_T]],
+) -> _T:
+    """Accept one connection into ``serve`` while ``run_peer(port)`` (a real peer) runs."""
     server_tls = build_server(settings)
     listener, port = await listen()
-    return listener, port, server_tls
+
+    async def accept() -> None:
+        raw = await listener.accept()
+        await serve(TLSStream(raw, server_tls.new_connection(), server_side=True))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(accept)
+        result = await run_peer(port)
+    await listener.aclose()
+    return result
 
 
 async def _run_s_client(port: int, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -382,22 +398,19 @@ async def test_sni_with_openssl_s_client() -> None:
         identities=(Identity(pki.server, pki.server_key), Identity(pki.a, pki.a_key)),
         client_cert="none",
     )
-    server_tls = build_server(settings)
-    listener, port = await listen()
     outcome: dict[str, str | None] = {}
 
-    async def serve() -> None:
-        raw = await listener.accept()
-        srv = TLSStream(raw, server_tls.new_connection(), server_side=True)
+    async def serve(srv: TLSStream) -> None:
         await srv.do_handshake()
         outcome["sni"] = gather_evidence(srv.connection).sni
         await srv.aclose()
 
     with trio.fail_after(15):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve)
-            proc = await _run_s_client(port, "-servername", "a.example", "-CAfile", str(pki.ca))
-        await listener.aclose()
+        proc = await serve_one(
+            settings,
+            serve,
+            lambda port: _run_s_client(port, "-servername", "a.example", "-CAfile", str(pki.ca)),
+        )
     out = proc.stdout.decode(errors="replace")
     assert "CN = a.example" in out or "CN=a.example" in out, out
     assert "Verify return code: 0 (ok)" in out
@@ -408,13 +421,9 @@ async def test_sni_with_openssl_s_client() -> None:
 @trio_test
 async def test_tls11_refused_by_default_profile() -> None:
     pki = get_pki()
-    server_tls = build_server(server_settings(pki, client_cert="none"))
-    listener, port = await listen()
     errors: list[str] = []
 
-    async def serve() -> None:
-        raw = await listener.accept()
-        srv = TLSStream(raw, server_tls.new_connection(), server_side=True)
+    async def serve(srv: TLSStream) -> None:
         try:
             await srv.do_handshake()
         except TLSError as exc:
@@ -422,10 +431,11 @@ async def test_tls11_refused_by_default_profile() -> None:
         await srv.aclose()
 
     with trio.fail_after(15):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve)
-            proc = await _run_s_client(port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
-        await listener.aclose()
+        proc = await serve_one(
+            server_settings(pki, client_cert="none"),
+            serve,
+            lambda port: _run_s_client(port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"),
+        )
     assert proc.returncode != 0
     assert errors and "TLS version" in errors[0], errors
 
@@ -435,41 +445,36 @@ async def test_tls11_refused_by_default_profile() -> None:
 async def test_echoscu_tls_handshake_interop() -> None:
     """DCMTK 3.6.7 echoscu +tls completes a mutual-TLS handshake; its first PDU is readable."""
     pki = get_pki()
-    server_tls = build_server(server_settings(pki))
-    listener, port = await listen()
     seen: dict[str, object] = {}
 
-    async def serve() -> None:
-        raw = await listener.accept()
-        srv = TLSStream(raw, server_tls.new_connection(), server_side=True)
+    async def serve(srv: TLSStream) -> None:
         await srv.do_handshake()
         seen["cn"] = gather_evidence(srv.connection).common_name
         seen["first"] = (await srv.receive_some())[:1]
         await srv.aclose()  # no DICOM answer: echoscu fails after the handshake
 
-    env = dict(os.environ, TCP_NODELAY="1")
+    async def echoscu(port: int) -> None:
+        await trio.run_process(
+            [
+                "echoscu",
+                "-to",
+                "5",
+                "+tls",
+                str(pki.client_key),
+                str(pki.client),
+                "+cf",
+                str(pki.ca),
+                "127.0.0.1",
+                str(port),
+            ],
+            env=dict(os.environ, TCP_NODELAY="1"),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
     with trio.fail_after(20):
-        async with trio.open_nursery() as n:
-            n.start_soon(serve)
-            await trio.run_process(
-                [
-                    "echoscu",
-                    "-to",
-                    "5",
-                    "+tls",
-                    str(pki.client_key),
-                    str(pki.client),
-                    "+cf",
-                    str(pki.ca),
-                    "127.0.0.1",
-                    str(port),
-                ],
-                env=env,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-        await listener.aclose()
+        await serve_one(server_settings(pki), serve, echoscu)
     assert seen["cn"] == "CT01"
     assert seen["first"] == b"\x01"  # A-ASSOCIATE-RQ, decrypted
 
@@ -505,9 +510,7 @@ async def test_client_side_roundtrip_and_mutual_tls() -> None:
         cli, srv, client_tls = await client_pair(
             settings, stdlib_server_context(pki, require_client=True)
         )
-        async with trio.open_nursery() as n:
-            n.start_soon(cli.do_handshake)
-            n.start_soon(srv.do_handshake)
+        await handshake_all(cli, srv)
         client_tls.check_peer(cli.connection)  # type: ignore[attr-defined]
         ev = gather_evidence(cli.connection)
         assert ev.chain_verified is True and ev.common_name == "localhost"
@@ -532,9 +535,7 @@ async def test_client_server_name_mismatch() -> None:
     settings = ClientTLSSettings(ca=pki.ca, server_name="pacs.other.example")
     with trio.fail_after(10):
         cli, srv, client_tls = await client_pair(settings, stdlib_server_context(pki))
-        async with trio.open_nursery() as n:
-            n.start_soon(cli.do_handshake)
-            n.start_soon(srv.do_handshake)
+        await handshake_all(cli, srv)
         with pytest.raises(TLSError, match=r"does not match server_name 'pacs\.other\.example'"):
             client_tls.check_peer(cli.connection)  # type: ignore[attr-defined]
         await cli.aclose()
@@ -546,9 +547,7 @@ async def test_client_ip_server_name_matches_ip_san() -> None:
     settings = ClientTLSSettings(ca=pki.ca, server_name="127.0.0.1")
     with trio.fail_after(10):
         cli, srv, client_tls = await client_pair(settings, stdlib_server_context(pki))
-        async with trio.open_nursery() as n:
-            n.start_soon(cli.do_handshake)
-            n.start_soon(srv.do_handshake)
+        await handshake_all(cli, srv)
         client_tls.check_peer(cli.connection)  # type: ignore[attr-defined]
         assert cli.connection.get_servername() is None  # no SNI for an address
         await cli.aclose()
@@ -584,9 +583,7 @@ async def test_client_thumbprint_pinning() -> None:
             # Pinning needs no CA: the rogue CA proves the chain is not consulted.
             settings = ClientTLSSettings(verify="thumbprint", ca=pki.rogue_ca, thumbprints=pins)
             cli, srv, client_tls = await client_pair(settings, stdlib_server_context(pki))
-            async with trio.open_nursery() as n:
-                n.start_soon(cli.do_handshake)
-                n.start_soon(srv.do_handshake)
+            await handshake_all(cli, srv)
             assert gather_evidence(cli.connection).chain_verified is False
             if ok:
                 client_tls.check_peer(cli.connection)  # type: ignore[attr-defined]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import functools
-import ipaddress
 import shutil
 import ssl
 import tempfile
@@ -16,9 +15,10 @@ from pathlib import Path
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.certgen import make_certs
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
@@ -29,27 +29,19 @@ _KEYS: dict[str, rsa.RSAPrivateKey] = {}
 def key_for(role: str) -> rsa.RSAPrivateKey:
     """A distinct cached RSA-2048 key per role name."""
     if role not in _KEYS:
-        _KEYS[role] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _KEYS[role] = make_certs.new_key()
     return _KEYS[role]
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def make_ca(cn: str, key: rsa.RSAPrivateKey) -> x509.Certificate:
-    """Self-signed CA."""
-    return (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    """Self-signed CA (``CN=cn`` only, no key usage extension)."""
+    return make_certs.build_ca(
+        key,
+        make_certs.make_name(cn, org=None),
+        NOW - dt.timedelta(days=1),
+        NOW + dt.timedelta(days=3650),
+        path_length=None,
+        key_usage=False,
     )
 
 
@@ -62,51 +54,27 @@ def make_leaf(
     dns: tuple[str, ...] = (),
     ips: tuple[str, ...] = (),
     uris: tuple[str, ...] = (),
-    eku: tuple[x509.ObjectIdentifier, ...] | None = (
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-    ),
+    eku: tuple[x509.ObjectIdentifier, ...] | None = make_certs.SERVER_AND_CLIENT,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
 ) -> x509.Certificate:
-    """Leaf certificate signed by ``ca``."""
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    sans += [x509.UniformResourceIdentifier(u) for u in uris]
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or NOW - dt.timedelta(days=1))
-        .not_valid_after(not_after or NOW + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
+    """Leaf certificate signed by ``ca`` (no key usage; no EKU when ``eku`` is None)."""
+    return make_certs.build_leaf(
+        ca_key,
+        ca.subject,
+        key,
+        make_certs.make_name(cn, org=None),
+        not_before or NOW - dt.timedelta(days=1),
+        not_after or NOW + dt.timedelta(days=365),
+        sans=make_certs.general_names(dns, ips, uris),
+        eku=eku,
+        key_usage=False,
     )
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if eku:
-        b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-    return b.sign(ca_key, hashes.SHA256())
 
 
-def pem(cert: x509.Certificate) -> bytes:
-    """PEM bytes of a certificate."""
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def key_pem(key: rsa.RSAPrivateKey, password: bytes | None = None) -> bytes:
-    """PKCS#8 PEM of a key, optionally encrypted."""
-    enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+# Re-exported: the tests write PEM files themselves.
+pem = make_certs.cert_pem
+key_pem = make_certs.key_pem
 
 
 @dataclass(frozen=True)
@@ -145,9 +113,7 @@ def get_pki() -> PKI:
     rogue = make_ca("Rogue CA", rogue_key)
 
     def write(stem: str, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> tuple[Path, Path]:
-        (d / f"{stem}.pem").write_bytes(pem(cert))
-        (d / f"{stem}.key").write_bytes(key_pem(key))
-        return d / f"{stem}.pem", d / f"{stem}.key"
+        return make_certs.write_pair(d, stem, key, cert)
 
     (d / "ca.pem").write_bytes(pem(ca))
     (d / "rogue-ca.pem").write_bytes(pem(rogue))

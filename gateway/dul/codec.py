@@ -30,22 +30,10 @@ from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
+from gateway.dul import constants
 from gateway.dul.ae import AE_LENGTH, decode_ae, encode_ae
-from gateway.dul.constants import (
-    AbortReason,
-    AbortSource,
-    ItemType,
-    PDUType,
-    PresentationContextResult,
-    RejectReason,
-    RejectReasonACSE,
-    RejectReasonPresentation,
-    RejectReasonUser,
-    RejectResult,
-    RejectSource,
-    describe_abort,
-    describe_reject,
-)
+from gateway.dul.constants import *  # noqa: F403 -- re-exported: see __all__
+from gateway.dul.constants import AbortReason, ItemType, PDUType
 from gateway.dul.pdus import (
     PDU,
     PDV,
@@ -75,27 +63,17 @@ from gateway.dul.pdus import (
 )
 from gateway.errors import ProtocolError
 
+# The PS3.8 enums and ``describe_*`` are re-exported, so callers need only this
+# module; taking ``constants.__all__`` keeps one list of their names, not two.
 __all__ = [
     "ASSOCIATE_FIXED_LENGTH",
     "PDU_HEADER",
     "PDU_HEADER_LENGTH",
-    "AbortReason",
-    "AbortSource",
-    "ItemType",
-    "PDUType",
-    "PresentationContextResult",
-    "RejectReason",
-    "RejectReasonACSE",
-    "RejectReasonPresentation",
-    "RejectReasonUser",
-    "RejectResult",
-    "RejectSource",
     "decode_pdu",
-    "describe_abort",
-    "describe_reject",
     "encode_abort",
     "encode_pdu",
     "encode_reject",
+    *constants.__all__,
 ]
 
 # ------------------------------------------------------------------ wire layouts
@@ -117,6 +95,11 @@ _TWO_U16 = struct.Struct(">HH")
 _TWO_U8 = struct.Struct(">BB")
 
 _MAX_ITEM_LENGTH = 0xFFFF
+
+_SYNTAX_NAMES = {
+    ItemType.ABSTRACT_SYNTAX: "abstract syntax",
+    ItemType.TRANSFER_SYNTAX: "transfer syntax",
+}
 
 _UNRECOGNIZED_PDU = AbortReason.UNRECOGNIZED_PDU
 _UNEXPECTED_PARAMETER = AbortReason.UNEXPECTED_PDU_PARAMETER
@@ -172,8 +155,8 @@ def _iter_items(
 # ---------------------------------------------------------------- decoding items
 
 
-def _read_u16_prefixed(mv: memoryview, pos: int, end: int, field: str) -> tuple[str, int]:
-    """Read a 2-byte length then that many bytes of text; return (text, next offset)."""
+def _read_bytes_u16(mv: memoryview, pos: int, end: int, field: str) -> tuple[bytes, int]:
+    """Read a 2-byte length then that many bytes; return (bytes, next offset)."""
     if end - pos < 2:
         raise _invalid(f"{field} length is truncated", pos)
     (length,) = _U16.unpack_from(mv, pos)
@@ -182,7 +165,13 @@ def _read_u16_prefixed(mv: memoryview, pos: int, end: int, field: str) -> tuple[
         raise _invalid(
             f"{field} length {length} overruns its item ({end - pos} bytes remain)", pos - 2
         )
-    return _text(mv, pos, pos + length), pos + length
+    return bytes(mv[pos : pos + length]), pos + length
+
+
+def _read_u16_prefixed(mv: memoryview, pos: int, end: int, field: str) -> tuple[str, int]:
+    """As ``_read_bytes_u16``, as Latin-1 text (lossless, like ``_text``)."""
+    data, pos = _read_bytes_u16(mv, pos, end, field)
+    return data.decode("latin-1"), pos
 
 
 def _decode_sub_item(
@@ -238,18 +227,6 @@ def _decode_sub_item(
     return UnknownItem(item_type, bytes(mv[start:end]), reserved=reserved)
 
 
-def _read_bytes_u16(mv: memoryview, pos: int, end: int, field: str) -> tuple[bytes, int]:
-    if end - pos < 2:
-        raise _invalid(f"{field} length is truncated", pos)
-    (length,) = _U16.unpack_from(mv, pos)
-    pos += 2
-    if pos + length > end:
-        raise _invalid(
-            f"{field} length {length} overruns its item ({end - pos} bytes remain)", pos - 2
-        )
-    return bytes(mv[pos : pos + length]), pos + length
-
-
 def _decode_common_extended(
     mv: memoryview, version: int, start: int, end: int
 ) -> SOPClassCommonExtendedNegotiation:
@@ -286,70 +263,80 @@ def _decode_user_information(
     return UserInformationItem(tuple(subs), reserved=reserved)
 
 
-def _decode_pc_rq(mv: memoryview, reserved: int, start: int, end: int) -> PresentationContextRQItem:
-    header = start - _ITEM_HEADER.size
+def _pc_context_id(mv: memoryview, start: int, end: int) -> int:
+    """The context ID of a presentation context item, once its 4 fixed bytes are there."""
     if end - start < 4:
         raise _invalid(
-            f"presentation context item is {end - start} bytes, at least 4 needed", header
+            f"presentation context item is {end - start} bytes, at least 4 needed",
+            start - _ITEM_HEADER.size,
         )
-    context_id = mv[start]
-    abstract: str | None = None
-    transfer: list[str] = []
+    return mv[start]
+
+
+def _decode_pc_sub_items(
+    mv: memoryview, start: int, end: int, where: str, syntaxes: tuple[int, ...], unique: int
+) -> tuple[list[tuple[int, str]], tuple[UnknownItem, ...], tuple[tuple[int, int], ...]]:
+    """Sort the sub-items of a presentation context item (RQ 20H or AC 21H).
+
+    ``mv[start:end]`` is the item data: the 4 fixed bytes (checked by
+    ``_pc_context_id``), then sub-items.  Returns ``(syntaxes, extra, layout)``: the
+    ``(type, UID)`` of each sub-item whose type is in ``syntaxes``, the other
+    sub-items as ``UnknownItem`` and the wire order of all of them.  A second
+    sub-item of type ``unique`` is refused.
+    """
+    found: list[tuple[int, str]] = []
     extra: list[UnknownItem] = []
     layout: list[tuple[int, int]] = []
-    where = f"presentation context {context_id}"
     for sub_type, sub_reserved, s, e in _iter_items(mv, start + 4, end, where):
         layout.append((sub_type, sub_reserved))
-        if sub_type == ItemType.ABSTRACT_SYNTAX:
-            if abstract is not None:
-                # Two abstract syntaxes would let the backend and the gateway
-                # disagree about what the context means: refuse.
-                raise _invalid(f"{where} has more than one abstract syntax", s - 4)
-            abstract = _text(mv, s, e)
-        elif sub_type == ItemType.TRANSFER_SYNTAX:
-            transfer.append(_text(mv, s, e))
+        if sub_type in syntaxes:
+            if sub_type == unique and any(t == unique for t, _ in found):
+                # Two abstract syntaxes (or two accepted transfer syntaxes) would
+                # let the backend and the gateway disagree about what the context
+                # means: refuse.
+                raise _invalid(f"{where} has more than one {_SYNTAX_NAMES[sub_type]}", s - 4)
+            found.append((sub_type, _text(mv, s, e)))
         else:
             extra.append(UnknownItem(sub_type, bytes(mv[s:e]), reserved=sub_reserved))
+    return found, tuple(extra), tuple(layout)
+
+
+def _decode_pc_rq(mv: memoryview, reserved: int, start: int, end: int) -> PresentationContextRQItem:
+    context_id = _pc_context_id(mv, start, end)
+    where = f"presentation context {context_id}"
+    syntaxes = (ItemType.ABSTRACT_SYNTAX, ItemType.TRANSFER_SYNTAX)
+    found, extra, layout = _decode_pc_sub_items(
+        mv, start, end, where, syntaxes, unique=ItemType.ABSTRACT_SYNTAX
+    )
+    abstract = next((uid for t, uid in found if t == ItemType.ABSTRACT_SYNTAX), None)
     if abstract is None:
-        raise _invalid(f"{where} has no abstract syntax sub-item", header)
+        raise _invalid(f"{where} has no abstract syntax sub-item", start - _ITEM_HEADER.size)
     return PresentationContextRQItem(
         context_id,
         abstract,
-        tuple(transfer),
-        extra_items=tuple(extra),
+        tuple(uid for t, uid in found if t == ItemType.TRANSFER_SYNTAX),
+        extra_items=extra,
         reserved=reserved,
         reserved_body=bytes(mv[start + 1 : start + 4]),
-        layout=tuple(layout),
+        layout=layout,
     )
 
 
 def _decode_pc_ac(mv: memoryview, reserved: int, start: int, end: int) -> PresentationContextACItem:
-    header = start - _ITEM_HEADER.size
-    if end - start < 4:
-        raise _invalid(
-            f"presentation context item is {end - start} bytes, at least 4 needed", header
-        )
-    context_id, reserved_5, result, reserved_7 = _FOUR_BYTES.unpack_from(mv, start)
-    transfer: str | None = None
-    extra: list[UnknownItem] = []
-    layout: list[tuple[int, int]] = []
+    context_id = _pc_context_id(mv, start, end)
     where = f"presentation context {context_id} result"
-    for sub_type, sub_reserved, s, e in _iter_items(mv, start + 4, end, where):
-        layout.append((sub_type, sub_reserved))
-        if sub_type == ItemType.TRANSFER_SYNTAX:
-            if transfer is not None:
-                raise _invalid(f"{where} has more than one transfer syntax", s - 4)
-            transfer = _text(mv, s, e)
-        else:
-            extra.append(UnknownItem(sub_type, bytes(mv[s:e]), reserved=sub_reserved))
+    found, extra, layout = _decode_pc_sub_items(
+        mv, start, end, where, (ItemType.TRANSFER_SYNTAX,), unique=ItemType.TRANSFER_SYNTAX
+    )
+    _, reserved_5, result, reserved_7 = _FOUR_BYTES.unpack_from(mv, start)
     return PresentationContextACItem(
         context_id,
         result,
-        transfer,
-        extra_items=tuple(extra),
+        found[0][1] if found else None,
+        extra_items=extra,
         reserved=reserved,
         reserved_body=bytes((reserved_5, reserved_7)),
-        layout=tuple(layout),
+        layout=layout,
     )
 
 
@@ -409,23 +396,16 @@ def _decode_associate(mv: memoryview, pdu_type: int, header_reserved: int) -> PD
     )
     items = _decode_items(mv, pdu_type, PDU_HEADER_LENGTH + ASSOCIATE_FIXED_LENGTH, len(mv))
     if pdu_type == PDUType.ASSOCIATE_RQ:
+        cls: type[AssociateRQ | AssociateAC] = AssociateRQ
         called = _strict_ae(called_raw, "Called AE title", 10)
         calling = _strict_ae(calling_raw, "Calling AE title", 26)
-        return AssociateRQ(
-            version,
-            called,
-            calling,
-            items,
-            header_reserved=header_reserved,
-            reserved_8_9=reserved_8_9,
-            reserved_42_73=reserved_tail,
-            called_ae_raw=called_raw,
-            calling_ae_raw=calling_raw,
-        )
-    return AssociateAC(
+    else:
+        cls = AssociateAC
+        called, calling = _lenient_ae(called_raw), _lenient_ae(calling_raw)
+    return cls(
         version,
-        _lenient_ae(called_raw),
-        _lenient_ae(calling_raw),
+        called,
+        calling,
         items,
         header_reserved=header_reserved,
         reserved_8_9=reserved_8_9,

@@ -235,7 +235,8 @@ class EventHub:
         if child is None:
             child = self._dimse_children[key] = self.metrics.dimse.labels(*key)
         child.inc()
-        if command == "C-STORE-RSP" and status in _STORED:
+        # The stored instances only feed the audit record: nothing to keep with audit off.
+        if command == "C-STORE-RSP" and status in _STORED and self.audit.enabled:
             a = self._assoc(fields)
             # The response travels against the data: a RSP going down (to the
             # client) answers a C-STORE the client sent up.
@@ -303,6 +304,8 @@ class EventHub:
                           "tls_version", "cipher", "sni", "assoc_id")
 
     def _node_alert(self, fields: dict[str, Any], description: str) -> None:
+        if not self.audit.enabled:
+            return  # building the message is most of the cost; submit would drop it
         peer = A.host_of(fields.get("peer")) or "unknown"
         self.audit.submit(A.security_alert(
             self.audit.source, outcome=A.OUTCOME_MINOR, reporter=self.audit.source.source_id,
@@ -311,6 +314,8 @@ class EventHub:
             others=[self._client(fields, None)]), warning=True)
 
     def _association_record(self, event: str, fields: dict[str, Any], a: _Assoc) -> None:
+        if not self.audit.enabled:
+            return  # building the messages is most of the cost; submit would drop them
         released = event == "association.released"
         description = None if released else \
             f"association aborted by {fields.get('by', '?')}: {fields.get('reason', '')}"

@@ -106,86 +106,44 @@ class Profile:
     annex: str = ""
 
 
+_RSA_CBC = "AES128-SHA:DES-CBC3-SHA"  # TLS_RSA_WITH_AES_128_CBC_SHA, then 3DES
+
+# One row per profile, in the order ``get_profile`` lists them in its errors:
+# name, PS3.15 annex, lowest and highest version, TLS <= 1.2 cipher list,
+# TLS 1.3 suites, retired, description.
+# fmt: off
+_TABLE = (
+    ("bcp195-rfc8996", "B.12", "1.2", "1.3", _ECDHE_GCM, _TLS13_ALL, False,
+     "BCP 195 RFC 8996 TLS profile: TLS 1.2/1.3, ECDHE with AES-GCM"),
+    ("bcp195-rfc8996-mod", "B.13", "1.2", "1.3", f"{_MOD_SUITES}:@SECLEVEL=2", _TLS13_ALL, False,
+     "Modified BCP 195 RFC 8996 TLS profile: TLS 1.2/1.3, AEAD only, "
+     "RSA >= 2048 / ECC >= 256 / SHA-256+ certificates"),
+    ("bcp195-nd", "B.10", "1.2", "1.3", _ND_SUITES, _TLS13_ALL, False,
+     "Non-downgrading BCP 195 TLS profile: TLS >= 1.2, (EC)DHE-RSA AES-GCM"),
+    ("bcp195-ex", "B.11", "1.2", "1.2", _EX_SUITES, _TLS13_AES, False,
+     "Extended BCP 195 TLS profile: TLS 1.2 only, (EC)DHE AES-GCM"),
+    ("bcp195", "B.9", "1.0", "1.3", f"{_ND_SUITES}:{_RSA_CBC}:@SECLEVEL=0", _TLS13_ALL, False,
+     "BCP 195 TLS profile: TLS >= 1.0 (1.2 preferred), (EC)DHE-RSA AES-GCM, "
+     "AES128-SHA for old peers"),
+    ("aes", "B.3", "1.0", "1.2", f"{_RSA_CBC}:@SECLEVEL=0", "", True,
+     "AES TLS profile (retired): TLS_RSA_WITH_AES_128_CBC_SHA"),
+    ("basic", "B.1", "1.0", "1.2", "DES-CBC3-SHA:@SECLEVEL=0", "", True,
+     "Basic TLS profile (retired): TLS_RSA_WITH_3DES_EDE_CBC_SHA"),
+)
+# fmt: on
+
 PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        Profile(
-            name="bcp195-rfc8996",
-            min_version=SSL.TLS1_2_VERSION,
-            max_version=SSL.TLS1_3_VERSION,
-            cipher_list=_ECDHE_GCM,
-            tls13_ciphersuites=_TLS13_ALL,
-            retired=False,
-            description="BCP 195 RFC 8996 TLS profile: TLS 1.2/1.3, ECDHE with AES-GCM",
-            annex="B.12",
-        ),
-        Profile(
-            name="bcp195-rfc8996-mod",
-            min_version=SSL.TLS1_2_VERSION,
-            max_version=SSL.TLS1_3_VERSION,
-            cipher_list=_MOD_SUITES + ":@SECLEVEL=2",
-            tls13_ciphersuites=_TLS13_ALL,
-            retired=False,
-            description=(
-                "Modified BCP 195 RFC 8996 TLS profile: TLS 1.2/1.3, AEAD only, "
-                "RSA >= 2048 / ECC >= 256 / SHA-256+ certificates"
-            ),
-            annex="B.13",
-        ),
-        Profile(
-            name="bcp195-nd",
-            min_version=SSL.TLS1_2_VERSION,
-            max_version=SSL.TLS1_3_VERSION,
-            cipher_list=_ND_SUITES,
-            tls13_ciphersuites=_TLS13_ALL,
-            retired=False,
-            description="Non-downgrading BCP 195 TLS profile: TLS >= 1.2, (EC)DHE-RSA AES-GCM",
-            annex="B.10",
-        ),
-        Profile(
-            name="bcp195-ex",
-            min_version=SSL.TLS1_2_VERSION,
-            max_version=SSL.TLS1_2_VERSION,
-            cipher_list=_EX_SUITES,
-            tls13_ciphersuites=_TLS13_AES,
-            retired=False,
-            description="Extended BCP 195 TLS profile: TLS 1.2 only, (EC)DHE AES-GCM",
-            annex="B.11",
-        ),
-        Profile(
-            name="bcp195",
-            min_version=SSL.TLS1_VERSION,
-            max_version=SSL.TLS1_3_VERSION,
-            cipher_list=_ND_SUITES + ":AES128-SHA:DES-CBC3-SHA:@SECLEVEL=0",
-            tls13_ciphersuites=_TLS13_ALL,
-            retired=False,
-            description=(
-                "BCP 195 TLS profile: TLS >= 1.0 (1.2 preferred), (EC)DHE-RSA AES-GCM, "
-                "AES128-SHA for old peers"
-            ),
-            annex="B.9",
-        ),
-        Profile(
-            name="aes",
-            min_version=SSL.TLS1_VERSION,
-            max_version=SSL.TLS1_2_VERSION,
-            cipher_list="AES128-SHA:DES-CBC3-SHA:@SECLEVEL=0",
-            tls13_ciphersuites="",
-            retired=True,
-            description="AES TLS profile (retired): TLS_RSA_WITH_AES_128_CBC_SHA",
-            annex="B.3",
-        ),
-        Profile(
-            name="basic",
-            min_version=SSL.TLS1_VERSION,
-            max_version=SSL.TLS1_2_VERSION,
-            cipher_list="DES-CBC3-SHA:@SECLEVEL=0",
-            tls13_ciphersuites="",
-            retired=True,
-            description="Basic TLS profile (retired): TLS_RSA_WITH_3DES_EDE_CBC_SHA",
-            annex="B.1",
-        ),
+    name: Profile(
+        name=name,
+        min_version=VERSIONS[low],
+        max_version=VERSIONS[high],
+        cipher_list=cipher_list,
+        tls13_ciphersuites=tls13,
+        retired=retired,
+        description=description,
+        annex=annex,
     )
+    for name, annex, low, high, cipher_list, tls13, retired, description in _TABLE
 }
 
 

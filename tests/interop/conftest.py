@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,16 +100,19 @@ class ProcessTracker:
         for proc, _ in reversed(self.procs):
             self.stop(proc)
 
+    def __enter__(self) -> ProcessTracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[ProcessTracker]:
     d = tmp_path / "proc-logs"
     d.mkdir()
-    tracker = ProcessTracker(d)
-    try:
+    with ProcessTracker(d) as tracker:
         yield tracker
-    finally:
-        tracker.close()
 
 
 # --------------------------------------------------------------------------- PKI
@@ -385,10 +388,8 @@ class PynetdicomSCP:
             self.server = None
 
 
-@pytest.fixture
-def pynetdicom_scp():
-    """Factory: ``pynetdicom_scp(ae_title, *, ssl_context=None, instances=[paths or datasets],
-    move_destinations={AE: (host, port)})`` -> a started ``PynetdicomSCP``."""
+def _pynetdicom_scps() -> Iterator[Callable[..., PynetdicomSCP]]:
+    """Body of the ``pynetdicom_scp`` fixtures: yield the factory, stop its SCPs after."""
     started: list[PynetdicomSCP] = []
 
     def start(
@@ -416,6 +417,13 @@ def pynetdicom_scp():
     yield start
     for scp in started:
         scp.stop()
+
+
+@pytest.fixture
+def pynetdicom_scp():
+    """Factory: ``pynetdicom_scp(ae_title, *, ssl_context=None, instances=[paths or datasets],
+    move_destinations={AE: (host, port)})`` -> a started ``PynetdicomSCP``."""
+    yield from _pynetdicom_scps()
 
 
 # --------------------------------------------------------------------------- gateway
@@ -534,19 +542,13 @@ class GatewayProcess:
         return self.proc.returncode
 
 
-@pytest.fixture
-def gateway(procs: ProcessTracker, tmp_path: Path):
-    """Factory: ``gateway(listeners, routes, settings=None, log_level="info", sections=None)``.
+def _gateways(procs: ProcessTracker, directory: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Body of the ``gateway`` fixtures: yield the factory, check for crashes after.
 
-    ``sections`` adds top-level tables such as ``[admin]`` and ``[audit]``.
-
-    Each listener dict gets ``listen = "127.0.0.1:<free port>"`` unless it has one.
-    Waits (10 s) until every listener port listens, else fails with the gateway's output.
-    SIGTERM at teardown, SIGKILL after 5 s.
+    Config files go to ``directory``, processes to ``procs``.
     """
     if not gateway_available():
         pytest.fail("gateway package has no gateway/__main__.py or gateway/cli.py yet")
-    n = 0
     started: list[GatewayProcess] = []
 
     def start(
@@ -557,14 +559,11 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
         log_level: str = "info",
         sections: dict | None = None,
     ) -> GatewayProcess:
-        nonlocal n
-        n += 1
         ports: dict[str, int] = {}
         lst = []
         for listener in listeners:
             listener = dict(listener)
-            if "listen" not in listener:
-                listener["listen"] = f"{HOST}:{free_port()}"
+            listener.setdefault("listen", f"{HOST}:{free_port()}")
             ports[listener["name"]] = int(str(listener["listen"]).rsplit(":", 1)[1])
             lst.append(listener)
         config = {
@@ -574,11 +573,10 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
             "listener": lst,
             "route": list(routes),
         }
-        cfg = tmp_path / f"gateway{n}.toml"
+        name = f"gateway{len(started) + 1}"
+        cfg = directory / f"{name}.toml"
         cfg.write_text(to_toml(config))
-        proc, out, err = procs.spawn(
-            gateway_command("run", cfg), f"gateway{n}", env=gateway_env(), cwd=MAIN
-        )
+        proc, out, err = procs.spawn(gateway_command("run", cfg), name, env=gateway_env(), cwd=MAIN)
         gw = GatewayProcess(proc, cfg, ports, out, err, config)
         if not wait_listening(ports.values(), proc, 10):
             rc = proc.poll()
@@ -593,14 +591,25 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
     yield start
     # A test that "passed" while the gateway crashed internally (e.g. a negative test
     # where any failure looks right) is reported as an error at teardown.
-    crashed = [(gw, gw.crashes()) for gw in started]
-    crashed = [(gw, c) for gw, c in crashed if c]
+    crashed = [r for gw in started for r in gw.crashes()]
     if crashed:
         pytest.fail(
-            "gateway logged crashes:\n"
-            + "\n".join(json.dumps(r)[:3000] for _, c in crashed for r in c),
+            "gateway logged crashes:\n" + "\n".join(json.dumps(r)[:3000] for r in crashed),
             pytrace=False,
         )
+
+
+@pytest.fixture
+def gateway(procs: ProcessTracker, tmp_path: Path):
+    """Factory: ``gateway(listeners, routes, settings=None, log_level="info", sections=None)``.
+
+    ``sections`` adds top-level tables such as ``[admin]`` and ``[audit]``.
+
+    Each listener dict gets ``listen = "127.0.0.1:<free port>"`` unless it has one.
+    Waits (10 s) until every listener port listens, else fails with the gateway's output.
+    SIGTERM at teardown, SIGKILL after 5 s.
+    """
+    yield from _gateways(procs, tmp_path)
 
 
 # --------------------------------------------------------------------------- shared gateway
@@ -612,76 +621,17 @@ def gateway(procs: ProcessTracker, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def module_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessTracker]:
-    tracker = ProcessTracker(tmp_path_factory.mktemp("module-proc-logs"))
-    try:
+    with ProcessTracker(tmp_path_factory.mktemp("module-proc-logs")) as tracker:
         yield tracker
-    finally:
-        tracker.close()
 
 
 @pytest.fixture(scope="module")
 def module_gateway(module_procs: ProcessTracker, tmp_path_factory: pytest.TempPathFactory):
     """Like ``gateway`` but module-scoped: ``module_gateway(listeners, routes, settings=)``."""
-    if not gateway_available():
-        pytest.fail("gateway package has no gateway/__main__.py or gateway/cli.py yet")
-    directory = tmp_path_factory.mktemp("module-gateway")
-    started: list[GatewayProcess] = []
-
-    def start(
-        listeners: Sequence[dict],
-        routes: Sequence[dict],
-        *,
-        settings: dict | None = None,
-        log_level: str = "info",
-    ) -> GatewayProcess:
-        ports: dict[str, int] = {}
-        lst = []
-        for listener in listeners:
-            listener = dict(listener)
-            listener.setdefault("listen", f"{HOST}:{free_port()}")
-            ports[listener["name"]] = int(str(listener["listen"]).rsplit(":", 1)[1])
-            lst.append(listener)
-        config = {
-            "gateway": {**GATEWAY_SETTINGS, **(settings or {})},
-            "log": {"format": "json", "level": log_level},
-            "listener": lst,
-            "route": list(routes),
-        }
-        cfg = directory / f"gateway{len(started) + 1}.toml"
-        cfg.write_text(to_toml(config))
-        proc, out, err = module_procs.spawn(
-            gateway_command("run", cfg), f"gateway{len(started) + 1}", env=gateway_env(), cwd=MAIN
-        )
-        gw = GatewayProcess(proc, cfg, ports, out, err, config)
-        if not wait_listening(ports.values(), proc, 10):
-            rc = proc.poll()
-            ProcessTracker.stop(proc)
-            pytest.fail(f"gateway did not listen on {ports} within 10 s (rc={rc})\n{gw.output()}")
-        started.append(gw)
-        return gw
-
-    yield start
-    crashed = [r for gw in started for r in gw.crashes()]
-    if crashed:
-        pytest.fail(
-            "gateway logged crashes:\n" + "\n".join(json.dumps(r)[:3000] for r in crashed),
-            pytrace=False,
-        )
+    yield from _gateways(module_procs, tmp_path_factory.mktemp("module-gateway"))
 
 
 @pytest.fixture(scope="module")
 def module_pynetdicom_scp():
     """Module-scoped ``pynetdicom_scp`` factory (same arguments)."""
-    started: list[PynetdicomSCP] = []
-
-    def start(ae_title: str = "PACS", *, ssl_context=None, store_delay: float = 0.0):
-        scp = PynetdicomSCP(ae_title, free_port(), store_delay=store_delay)
-        started.append(scp)
-        scp.start(ssl_context)
-        if not wait_listening([scp.port], None, 5):
-            pytest.fail(f"pynetdicom SCP {ae_title} did not listen on {scp.port}")
-        return scp
-
-    yield start
-    for scp in started:
-        scp.stop()
+    yield from _pynetdicom_scps()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import ipaddress
 import json
 import os
 import socket
@@ -24,8 +23,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -34,6 +32,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
+
+from tests.certgen import make_certs
 
 HOST = "127.0.0.1"
 MAIN = Path(__file__).resolve().parents[2]
@@ -136,6 +136,25 @@ def run_dcmtk(args: Sequence[str | os.PathLike], timeout: float = 60) -> tuple[i
     return cp.returncode, cp.stdout.decode(errors="replace")
 
 
+def scu_args(
+    tool: str,
+    port: int,
+    *options: str | os.PathLike,
+    called: str | None = "ARCHIVE",
+    calling: str | None = None,
+    files: Sequence[str | os.PathLike] = (),
+) -> list[str | os.PathLike]:
+    """A DCMTK SCU command line: ``TOOL OPTIONS [-aet CALLING] [-aec CALLED] HOST PORT FILES``."""
+    aet = ["-aet", calling] if calling else []
+    aec = ["-aec", called] if called else []
+    return [tool, *options, *aet, *aec, HOST, str(port), *files]
+
+
+def dcmtk_tls_client(pki: PKI, which: str = "client") -> list[str]:
+    """DCMTK TLS client options towards the gateway: ``pki.<which>``'s cert, gateway CA."""
+    return getattr(pki, which).dcmtk_client(pki.gateway_ca)
+
+
 def count_store_successes(dcmtk_output: str) -> int:
     """Number of C-STORE responses with status Success that storescu reported (-v)."""
     return sum(
@@ -157,6 +176,10 @@ class CertKey:
     def dcmtk_tls(self) -> list[str]:
         """DCMTK's ``+tls KEYFILE CERTFILE`` (key first)."""
         return ["+tls", str(self.key), str(self.cert)]
+
+    def dcmtk_client(self, ca: Path) -> list[str]:
+        """DCMTK TLS client options: present this key and cert, trust ``ca`` (``+cf``)."""
+        return [*self.dcmtk_tls, "+cf", str(ca)]
 
 
 @dataclass(frozen=True)
@@ -181,62 +204,27 @@ class PKI:
         )
 
 
+_ORG = "dicom-gateway interop tests"
+
+
 def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dicom-gateway interop tests"),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
+    return make_certs.make_name(cn, _ORG)
 
 
-def _write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
+def _validity() -> tuple[datetime.datetime, datetime.datetime]:
+    """An hour ago to 30 days ahead: the default life of every interop certificate."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30)
 
 
 class _CA:
     def __init__(self, cn: str):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.key = make_certs.new_key()
         self.name = _name(cn)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        self.cert = make_certs.build_ca(self.key, self.name, *_validity(), path_length=None)
 
     def write(self, path: Path) -> Path:
-        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        path.write_bytes(make_certs.cert_pem(self.cert))
         return path
 
     def issue(
@@ -247,55 +235,17 @@ class _CA:
         dns: Sequence[str] = (),
         ips: Sequence[str] = (),
     ) -> CertKey:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
+        key = make_certs.new_key()
+        cert = make_certs.build_leaf(
+            self.key,
+            self.name,
+            key,
+            _name(cn),
+            *_validity(),
+            sans=make_certs.general_names(dns, ips),
+            subject_key_id=True,
         )
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        cert_path = directory / f"{stem}.pem"
-        key_path = directory / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key, key_path)
-        return CertKey(cert_path, key_path)
+        return CertKey(*make_certs.write_pair(directory, stem, key, cert))
 
 
 def make_pki(directory: Path) -> PKI:
@@ -1137,7 +1087,7 @@ class FakeBackend:
 
 def echoscu_ok(port: int, called: str = "ARCHIVE", *extra: str | os.PathLike) -> tuple[bool, str]:
     """DCMTK echoscu through the gateway: (succeeded, output)."""
-    rc, out = run_dcmtk(["echoscu", "-v", *extra, "-aec", called, HOST, port], timeout=30)
+    rc, out = run_dcmtk(scu_args("echoscu", port, "-v", *extra, called=called), timeout=30)
     return rc == 0, out
 
 
@@ -1194,10 +1144,7 @@ def new_ca(cn: str) -> _CA:
 
 def write_ca(ca: _CA, directory: Path, stem: str) -> tuple[Path, Path]:
     """Write a CA's certificate and (unencrypted) key; (cert, key)."""
-    cert_path = ca.write(directory / f"{stem}.pem")
-    key_path = directory / f"{stem}.key"
-    _write_key(ca.key, key_path)
-    return cert_path, key_path
+    return make_certs.write_pair(directory, stem, ca.key, ca.cert)
 
 
 def issue_cert(
@@ -1213,58 +1160,34 @@ def issue_cert(
     not_after: datetime.datetime | None = None,
     ocsp_url: str | None = None,
     key_size: int = 2048,
-    eku: Sequence[x509.ObjectIdentifier] = (
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-    ),
+    eku: Sequence[x509.ObjectIdentifier] = make_certs.SERVER_AND_CLIENT,
     ocsp_signing: bool = False,
 ) -> CertKey:
-    """A leaf certificate from ``ca`` with the given names, validity and extensions."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca.name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or now - datetime.timedelta(hours=1))
-        .not_valid_after(not_after or now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [*eku, *([ExtendedKeyUsageOID.OCSP_SIGNING] if ocsp_signing else [])]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
-    )
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    sans += [x509.UniformResourceIdentifier(u) for u in uris]
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    """A leaf certificate from ``ca`` with the given names, validity and extensions.
+
+    Unlike ``_CA.issue`` it has no key usage extension.
+    """
+    key = make_certs.new_key(key_size)
+    start, end = _validity()
+    extensions: list[x509.ExtensionType] = []
     if ocsp_url:
-        builder = builder.add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        x509.oid.AuthorityInformationAccessOID.OCSP,
-                        x509.UniformResourceIdentifier(ocsp_url),
-                    )
-                ]
-            ),
-            critical=False,
+        ocsp = x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
         )
-    cert = builder.sign(ca.key, hashes.SHA256())
-    cert_path = directory / f"{stem}.pem"
-    key_path = directory / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key, key_path)
-    return CertKey(cert_path, key_path)
+        extensions.append(x509.AuthorityInformationAccess([ocsp]))
+    cert = make_certs.build_leaf(
+        ca.key,
+        ca.name,
+        key,
+        _name(cn),
+        not_before or start,
+        not_after or end,
+        sans=make_certs.general_names(dns, ips, uris),
+        eku=[*eku, *([ExtendedKeyUsageOID.OCSP_SIGNING] if ocsp_signing else [])],
+        key_usage=False,
+        extensions=extensions,
+    )
+    return CertKey(*make_certs.write_pair(directory, stem, key, cert))
 
 
 def load_cert(path: Path) -> x509.Certificate:

@@ -19,6 +19,7 @@ from .helpers import (
     free_port,
     movescu_args,
     run_dcmtk,
+    scu_args,
     scu_associate,
     store_and_kill_backend,
     stored_files,
@@ -29,20 +30,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(90)]
 
 def test_echoscu_tls_to_storescp_tls(pki, storescp):
     scp = storescp(tls=True)
-    rc, out = run_dcmtk(
-        [
-            "echoscu",
-            "-v",
-            *pki.gateway_client.dcmtk_tls,
-            "+cf",
-            pki.backend_ca,
-            "-aec",
-            "ANY",
-            HOST,
-            scp.port,
-        ],
-        timeout=20,
-    )
+    tls = pki.gateway_client.dcmtk_client(pki.backend_ca)
+    rc, out = run_dcmtk(scu_args("echoscu", scp.port, "-v", *tls, called="ANY"), timeout=20)
     assert rc == 0, out
 
 
@@ -63,19 +52,9 @@ def test_storescu_plain_and_tls_to_storescp(pki, storescp, small_files):
     assert_received_identical(scp.outdir, small_files)
 
     tscp = storescp(tls=True)
-    rc, out = run_dcmtk(
-        [
-            "storescu",
-            "-v",
-            *pki.gateway_client.dcmtk_tls,
-            "+cf",
-            pki.backend_ca,
-            HOST,
-            tscp.port,
-            *small_files,
-        ],
-        timeout=30,
-    )
+    tls = pki.gateway_client.dcmtk_client(pki.backend_ca)
+    args = scu_args("storescu", tscp.port, "-v", *tls, called=None, files=small_files)
+    rc, out = run_dcmtk(args, timeout=30)
     assert rc == 0, out
     assert_received_identical(tscp.outdir, small_files)
 

@@ -23,10 +23,12 @@ from .helpers import (
     datasets_differences,
     dcmtk,
     dcmtk_env,
+    dcmtk_tls_client,
     echo_pdata,
     plain_listener,
     raw_associate,
     route,
+    scu_args,
     scu_associate,
     split_pdus,
     store_and_kill_backend,
@@ -49,24 +51,10 @@ def test_backend_killed_mid_storescu_transfer(pki, storescp, gateway, dicom_file
     files = dicom_files("kill", KILL_SIZES)
     scp = storescp()
     gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
-    rc, out, n_at_kill = store_and_kill_backend(
-        [
-            "storescu",
-            "-v",
-            *pki.client.dcmtk_tls,
-            "+cf",
-            pki.gateway_ca,
-            "-aet",
-            "CT01",
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("tls"),
-            *files,
-        ],
-        scp,
-        after_files=3,
+    args = scu_args(
+        "storescu", gw.port("tls"), "-v", *dcmtk_tls_client(pki), calling="CT01", files=files
     )
+    rc, out, n_at_kill = store_and_kill_backend(args, scp, after_files=3)
     assert n_at_kill >= 3, "storescu finished before the backend was killed\n" + out
     assert rc != 0, out + gw.output()
     successes = count_store_successes(out)
@@ -82,7 +70,7 @@ def test_backend_killed_mid_transfer_plain(storescp, gateway, dicom_files):
     scp = storescp()
     gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
     rc, out, n_at_kill = store_and_kill_backend(
-        ["storescu", "-v", "-aec", "ARCHIVE", HOST, gw.port("plain"), *files], scp, after_files=3
+        scu_args("storescu", gw.port("plain"), "-v", files=files), scp, after_files=3
     )
     assert n_at_kill >= 3, out
     assert rc != 0, out + gw.output()
@@ -102,24 +90,10 @@ def test_client_killed_mid_transfer(pki, pynetdicom_scp, gateway, procs, dicom_f
     sent = {str(dcmread(p).SOPInstanceUID): p for p in files}
     scp = pynetdicom_scp("ARCHIVE")
     gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
-    proc, out, _err = procs.spawn(
-        [
-            dcmtk("storescu"),
-            "-v",
-            *pki.client.dcmtk_tls,
-            "+cf",
-            pki.gateway_ca,
-            "-aet",
-            "CT01",
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("tls"),
-            *files,
-        ],
-        "storescu-victim",
-        env=dcmtk_env(),
+    args = scu_args(
+        dcmtk("storescu"), gw.port("tls"), "-v", *dcmtk_tls_client(pki), calling="CT01", files=files
     )
+    proc, out, _err = procs.spawn(args, "storescu-victim", env=dcmtk_env())
     deadline = time.monotonic() + 60
     while len(scp.stored) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -24,9 +24,11 @@ from .helpers import (
     HOST,
     KB,
     count_store_successes,
+    dcmtk_tls_client,
     free_port,
     route,
     run_dcmtk,
+    scu_args,
     tls_listener,
 )
 
@@ -164,10 +166,6 @@ def type_codes(root: ET.Element) -> list[str]:
     return [t.get("csd-code") for t in root.findall("EventIdentification/EventTypeCode")]
 
 
-def dcmtk_tls(pki, which: str = "client") -> list:
-    return [*getattr(pki, which).dcmtk_tls, "+cf", pki.gateway_ca]
-
-
 def subject_of(cert: Path) -> str:
     return x509.load_pem_x509_certificate(cert.read_bytes()).subject.rfc4514_string()
 
@@ -192,11 +190,11 @@ def test_metrics_logs_and_udp_audit_after_dcmtk_traffic(pki, storescp, gateway, 
         assert http_get(admin, "/metrics", method="POST")[0] == 405
         before = Scrape(admin)
 
-        rc, out = run_dcmtk(["echoscu", "-v", *dcmtk_tls(pki), "-aet", "CT01", "-aec",
-                             "ARCHIVE", HOST, gw.port("tls")], timeout=30)
+        tls = ["-v", *dcmtk_tls_client(pki)]
+        rc, out = run_dcmtk(scu_args("echoscu", gw.port("tls"), *tls, calling="CT01"), timeout=30)
         assert rc == 0, out + gw.output()
-        rc, out = run_dcmtk(["storescu", "-v", *dcmtk_tls(pki), "-aet", "CT01", "-aec",
-                             "ARCHIVE", HOST, gw.port("tls"), *small_files], timeout=30)
+        rc, out = run_dcmtk(scu_args("storescu", gw.port("tls"), *tls, calling="CT01",
+                                     files=small_files), timeout=30)
         assert rc == 0, out + gw.output()
         assert count_store_successes(out) == len(small_files)
         deadline = time.monotonic() + 5
@@ -299,11 +297,12 @@ def test_failed_client_certificate_raises_security_alerts_over_tls(pki, storescp
     try:
         before = Scrape(admin)
         evil = subject_of(pki.evil_client.cert)
-        rc, out = run_dcmtk(["echoscu", "-v", *dcmtk_tls(pki, "evil_client"), "-aet", "CT01",
-                             "-aec", "ARCHIVE", HOST, gw.port("opt")], timeout=30)
+        evil_tls = ["-v", *dcmtk_tls_client(pki, "evil_client")]
+        rc, out = run_dcmtk(scu_args("echoscu", gw.port("opt"), *evil_tls, calling="CT01"),
+                            timeout=30)
         assert rc != 0 and "Rejected" in out, out
-        rc, out = run_dcmtk(["echoscu", "-v", *dcmtk_tls(pki, "evil_client"), "-aet", "CT01",
-                             "-aec", "ARCHIVE", HOST, gw.port("req")], timeout=30)
+        rc, out = run_dcmtk(scu_args("echoscu", gw.port("req"), *evil_tls, calling="CT01"),
+                            timeout=30)
         assert rc != 0, out
         gw.wait_for_event("tls.handshake_failed")
         after = Scrape(admin)
@@ -357,8 +356,8 @@ def test_dead_audit_repository_does_not_hold_up_stores(pki, storescp, gateway, d
                             "ca": str(pki.backend_ca), "queue_size": 2}},
     )
     t0 = time.monotonic()
-    rc, out = run_dcmtk(["storescu", "-v", *dcmtk_tls(pki), "-aet", "CT01", "-aec", "ARCHIVE",
-                         HOST, gw.port("tls"), *files], timeout=30)
+    rc, out = run_dcmtk(scu_args("storescu", gw.port("tls"), "-v", *dcmtk_tls_client(pki),
+                                 calling="CT01", files=files), timeout=30)
     elapsed = time.monotonic() - t0
     assert rc == 0, out + gw.output()
     assert count_store_successes(out) == len(files)
@@ -366,8 +365,8 @@ def test_dead_audit_repository_does_not_hold_up_stores(pki, storescp, gateway, d
     # reconnect back-off (0.5 s, 1 s, ...) must not show up in the transfer.
     assert elapsed < 5, f"storescu took {elapsed:.1f} s with a dead audit repository"
     for _ in range(4):  # more audit records than the queue holds
-        rc, out = run_dcmtk(["echoscu", *dcmtk_tls(pki), "-aet", "CT01", "-aec", "ARCHIVE",
-                             HOST, gw.port("tls")], timeout=30)
+        rc, out = run_dcmtk(scu_args("echoscu", gw.port("tls"), *dcmtk_tls_client(pki),
+                                     calling="CT01"), timeout=30)
         assert rc == 0, out
     deadline = time.monotonic() + 5
     while True:

@@ -13,12 +13,14 @@ from .conftest import client_ssl_context
 from .helpers import (
     HOST,
     assert_received_identical,
+    dcmtk_tls_client,
     find_patients,
     free_port,
     movescu_args,
     plain_listener,
     route,
     run_dcmtk,
+    scu_args,
     scu_associate,
     tls_listener,
 )
@@ -53,29 +55,10 @@ def test_movescu_round_trip_through_gateway(pynetdicom_scp, gateway, qr_files, t
 def test_findscu_tls_through_gateway(pki, pynetdicom_scp, gateway, qr_files):
     qr = pynetdicom_scp("QRSCP", instances=qr_files)
     gw = gateway([tls_listener(pki)], [route("pacs", "QRSCP", qr.port)])
-    rc, out = run_dcmtk(
-        [
-            "findscu",
-            "-v",
-            "-P",
-            *pki.client.dcmtk_tls,
-            "+cf",
-            pki.gateway_ca,
-            "-aet",
-            "CT01",
-            "-aec",
-            "QRSCP",
-            "-k",
-            "QueryRetrieveLevel=PATIENT",
-            "-k",
-            "PatientID=QR*",
-            "-k",
-            "PatientName",
-            HOST,
-            gw.port("tls"),
-        ],
-        timeout=30,
-    )
+    keys = ["-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=QR*", "-k", "PatientName"]
+    options = ["-v", "-P", *dcmtk_tls_client(pki), *keys]
+    args = scu_args("findscu", gw.port("tls"), *options, called="QRSCP", calling="CT01")
+    rc, out = run_dcmtk(args, timeout=30)
     assert rc == 0, out + gw.output()
     assert "QR001" in out and "Query^Retrieve" in out, out
     assert "Received Final Find Response (Success)" in out, out

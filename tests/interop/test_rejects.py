@@ -9,10 +9,12 @@ import pytest
 from .conftest import client_ssl_context
 from .helpers import (
     HOST,
+    dcmtk_tls_client,
     free_port,
     plain_listener,
     route,
     run_dcmtk,
+    scu_args,
     scu_associate,
     tls_listener,
 )
@@ -101,17 +103,7 @@ def test_client_cert_from_unrelated_ca_is_refused(pki, storescp, gateway):
         assert res.reject_triplet() == (1, 1, 3), res.state()
 
     rc, out = run_dcmtk(
-        [
-            "echoscu",
-            *pki.evil_client.dcmtk_tls,
-            "+cf",
-            pki.gateway_ca,
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("tls"),
-        ],
-        timeout=30,
+        scu_args("echoscu", gw.port("tls"), *dcmtk_tls_client(pki, "evil_client")), timeout=30
     )
     assert rc != 0, out + gw.output()
 
@@ -137,19 +129,7 @@ def test_no_client_cert_on_required_listener(pki, storescp, gateway):
     )
     assert rc != 0, out + gw.output()
     # the same listener still serves a proper client
-    rc, out = run_dcmtk(
-        [
-            "echoscu",
-            *pki.client.dcmtk_tls,
-            "+cf",
-            pki.gateway_ca,
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("tls"),
-        ],
-        timeout=30,
-    )
+    rc, out = run_dcmtk(scu_args("echoscu", gw.port("tls"), *dcmtk_tls_client(pki)), timeout=30)
     assert rc == 0, out + gw.output()
 
 
@@ -176,19 +156,7 @@ def test_tls_client_on_plain_listener_is_recognised(pki, storescp, gateway):
     """DESIGN §2: a TLS ClientHello on a plain listener is logged as exactly that."""
     scp = storescp()
     gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
-    rc, out = run_dcmtk(
-        [
-            "echoscu",
-            *pki.client.dcmtk_tls,
-            "+cf",
-            pki.gateway_ca,
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("plain"),
-        ],
-        timeout=30,
-    )
+    rc, out = run_dcmtk(scu_args("echoscu", gw.port("plain"), *dcmtk_tls_client(pki)), timeout=30)
     assert rc != 0, out
     assert _records_saying(gw, "tls"), "no log line says TLS arrived\n" + gw.output()
 

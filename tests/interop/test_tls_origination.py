@@ -6,13 +6,14 @@ import pytest
 
 from .conftest import client_ssl_context
 from .helpers import (
-    HOST,
     MB,
     assert_received_identical,
     backend_tls,
+    dcmtk_tls_client,
     plain_listener,
     route,
     run_dcmtk,
+    scu_args,
     scu_associate,
     tls_listener,
 )
@@ -28,11 +29,9 @@ def test_plain_echoscu_and_storescu_to_tls_storescp(pki, storescp, gateway, dico
         [plain_listener()],
         [route("archive", "ARCHIVE", scp.port, backend_tls=backend_tls(pki))],
     )
-    rc, out = run_dcmtk(["echoscu", "-v", "-aec", "ARCHIVE", HOST, gw.port("plain")], timeout=30)
+    rc, out = run_dcmtk(scu_args("echoscu", gw.port("plain"), "-v"), timeout=30)
     assert rc == 0, out + gw.output() + scp.output()
-    rc, out = run_dcmtk(
-        ["storescu", "-v", "-aec", "ARCHIVE", HOST, gw.port("plain"), *files], timeout=60
-    )
+    rc, out = run_dcmtk(scu_args("storescu", gw.port("plain"), "-v", files=files), timeout=60)
     assert rc == 0, out + gw.output() + scp.output()
     assert_received_identical(scp.outdir, files)
 
@@ -44,10 +43,11 @@ def test_reencryption_echoscu_tls_to_tls_storescp(pki, storescp, gateway, small_
         [tls_listener(pki)],
         [route("archive", "ARCHIVE", scp.port, backend_tls=backend_tls(pki))],
     )
-    client = [*pki.client.dcmtk_tls, "+cf", pki.gateway_ca, "-aet", "CT01", "-aec", "ARCHIVE"]
-    rc, out = run_dcmtk(["echoscu", "-v", *client, HOST, gw.port("tls")], timeout=30)
+    client = ["-v", *dcmtk_tls_client(pki)]
+    rc, out = run_dcmtk(scu_args("echoscu", gw.port("tls"), *client, calling="CT01"), timeout=30)
     assert rc == 0, out + gw.output() + scp.output()
-    rc, out = run_dcmtk(["storescu", "-v", *client, HOST, gw.port("tls"), *small_files], 60)
+    args = scu_args("storescu", gw.port("tls"), *client, calling="CT01", files=small_files)
+    rc, out = run_dcmtk(args, 60)
     assert rc == 0, out + gw.output() + scp.output()
     assert_received_identical(scp.outdir, small_files)
 

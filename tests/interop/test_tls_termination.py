@@ -7,14 +7,15 @@ from pydicom import dcmread
 
 from .conftest import client_ssl_context
 from .helpers import (
-    HOST,
     assert_received_identical,
     count_store_successes,
     datasets_differences,
+    dcmtk_tls_client,
     find_patients,
     plain_listener,
     route,
     run_dcmtk,
+    scu_args,
     scu_associate,
     tls_listener,
 )
@@ -22,28 +23,12 @@ from .helpers import (
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
 
-def _dcmtk_client(pki):
-    """DCMTK TLS client options: CT01 key + cert (client CA), trust the gateway CA."""
-    return [*pki.client.dcmtk_tls, "+cf", pki.gateway_ca]
-
-
 def test_echoscu_tls_to_plain_storescp(pki, storescp, gateway):
     scp = storescp()
     gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
-    rc, out = run_dcmtk(
-        [
-            "echoscu",
-            "-v",
-            *_dcmtk_client(pki),
-            "-aet",
-            "CT01",
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("tls"),
-        ],
-        timeout=30,
-    )
+    # DCMTK TLS client: CT01 key + cert (client CA), trusting the gateway CA.
+    args = scu_args("echoscu", gw.port("tls"), "-v", *dcmtk_tls_client(pki), calling="CT01")
+    rc, out = run_dcmtk(args, timeout=30)
     assert rc == 0, out + gw.output()
 
 
@@ -51,21 +36,10 @@ def test_storescu_tls_mixed_sizes_arrive_identical(pki, storescp, gateway, mixed
     """>= 20 files, 10 KB .. 55 MB, through TLS termination; every dataset identical."""
     scp = storescp()
     gw = gateway([tls_listener(pki)], [route("archive", "ARCHIVE", scp.port)])
-    rc, out = run_dcmtk(
-        [
-            "storescu",
-            "-v",
-            *_dcmtk_client(pki),
-            "-aet",
-            "CT01",
-            "-aec",
-            "ARCHIVE",
-            HOST,
-            gw.port("tls"),
-            *mixed_files,
-        ],
-        timeout=100,
+    args = scu_args(
+        "storescu", gw.port("tls"), "-v", *dcmtk_tls_client(pki), calling="CT01", files=mixed_files
     )
+    rc, out = run_dcmtk(args, timeout=100)
     assert rc == 0, out[-3000:] + gw.output()
     assert count_store_successes(out) == len(mixed_files), out[-3000:]
     assert_received_identical(scp.outdir, mixed_files)
@@ -75,9 +49,7 @@ def test_storescu_plain_routing(storescp, gateway, small_files):
     """Plain listener -> plain backend (the fourth combination)."""
     scp = storescp()
     gw = gateway([plain_listener()], [route("archive", "ARCHIVE", scp.port)])
-    rc, out = run_dcmtk(
-        ["storescu", "-v", "-aec", "ARCHIVE", HOST, gw.port("plain"), *small_files], timeout=30
-    )
+    rc, out = run_dcmtk(scu_args("storescu", gw.port("plain"), "-v", files=small_files), timeout=30)
     assert rc == 0, out + gw.output()
     assert_received_identical(scp.outdir, small_files)
 
