@@ -548,14 +548,24 @@ class SCUResult:
 
     @property
     def rejected(self) -> bool:
-        return bool(self.assoc.is_rejected)
+        """pynetdicom saw an A-ASSOCIATE-RJ (see ``reject_triplet`` for its race)."""
+        return self.reject_triplet() is not None
 
     def reject_triplet(self) -> tuple[int, int, int] | None:
-        """(result, source, reason) of the A-ASSOCIATE-RJ, if rejected."""
-        if not self.assoc.is_rejected:
-            return None
-        p = self.assoc.acceptor.primitive
-        return int(p.result), int(p.result_source), int(p.diagnostic)
+        """(result, source, reason) of the A-ASSOCIATE-RJ, if rejected.
+
+        pynetdicom 3.0 on a loaded machine sometimes reports a received RJ as
+        "aborted" (a race between its reactor and the association thread,
+        `InvalidEventError Evt7/Sta13`). The RJ PDU is then still in the bytes it
+        received: read the triplet from the wire, which is what the gateway sent.
+        """
+        if self.assoc.is_rejected:
+            p = self.assoc.acceptor.primitive
+            return int(p.result), int(p.result_source), int(p.diagnostic)
+        for pdu in self.raw_received:
+            if pdu[:1] == b"\x03" and len(pdu) >= 10:
+                return pdu[7], pdu[8], pdu[9]
+        return None
 
     def ac_ae_titles(self) -> tuple[str, str] | None:
         """(called, calling) AE titles in the raw A-ASSOCIATE-AC (bytes 11-42)."""
