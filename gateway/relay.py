@@ -9,6 +9,7 @@ written cleanly to the other side, and whether the association was released.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -110,13 +111,25 @@ class RelayResult:
 
 @dataclass
 class _Timers:
-    """The relay's two clocks: idle (pushed on every chunk) and release (armed once)."""
+    """The relay's two clocks: idle (pushed on every chunk) and release (armed once).
 
-    idle: trio.CancelScope
+    Both run on one cancel scope whose deadline is the earlier of the two: a
+    second scope would cost ~15 µs per association, a ``min`` per chunk nothing.
+    """
+
+    scope: trio.CancelScope
     idle_timeout: float
-    release: trio.CancelScope
     release_timeout: float
-    release_armed: bool = False
+    release_deadline: float = math.inf
+
+    def push_idle(self) -> None:
+        """Restart the idle clock (on every chunk, either direction)."""
+        self.scope.deadline = min(trio.current_time() + self.idle_timeout,
+                                  self.release_deadline)
+
+    def arm_release(self) -> None:
+        """Start the release clock (once: at the first A-RELEASE-RQ)."""
+        self.release_deadline = trio.current_time() + self.release_timeout
 
 
 async def _pump(
@@ -143,13 +156,12 @@ async def _pump(
                 # Do not pass it on: the gateway answers with A-ABORT instead.
                 d.end = End.VIOLATION
                 return
-            if tracker.seen_release_rq and not timers.release_armed:
+            if tracker.seen_release_rq and timers.release_deadline == math.inf:
                 # A release that is never answered must not hold the association.
-                timers.release_armed = True
-                timers.release.deadline = trio.current_time() + timers.release_timeout
+                timers.arm_release()
             # One shared deadline for both directions: a long C-STORE keeps the
             # quiet response direction alive too.
-            timers.idle.deadline = trio.current_time() + timers.idle_timeout
+            timers.push_idle()
             # Forward whole PDUs only: an incomplete trailing PDU is held back until
             # its end arrives, so that if the source dies now the destination sits
             # on a PDU boundary and still gets a clean A-ABORT (never a truncated
@@ -195,14 +207,18 @@ async def relay(
         upstream=upstream or Direction("client→backend"),
         downstream=downstream or Direction("backend→client"),
     )
-    with trio.CancelScope() as release, trio.CancelScope(
-        deadline=trio.current_time() + idle_timeout
-    ) as idle:
-        timers = _Timers(idle, idle_timeout, release, release_timeout)
+    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
+        timers = _Timers(scope, idle_timeout, release_timeout)
         async with trio.open_nursery() as nursery:
             done = nursery.cancel_scope
-            nursery.start_soon(_pump, client, backend, result.upstream, timers, done)
             nursery.start_soon(_pump, backend, client, result.downstream, timers, done)
-    result.idle_timeout = idle.cancelled_caught
-    result.release_timeout = release.cancelled_caught
+            # The other direction runs in this task: one task fewer to spawn and
+            # schedule per association; ``done`` cancels this body as well.
+            await _pump(client, backend, result.upstream, timers, done)
+    if scope.cancelled_caught:
+        # Which clock ran out; the release clock when both did.
+        if trio.current_time() >= timers.release_deadline:
+            result.release_timeout = True
+        else:
+            result.idle_timeout = True
     return result

@@ -125,6 +125,10 @@ async def _finish(stream: trio.abc.Stream, wait: float) -> None:
                     pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+    if isinstance(stream, trio.SocketStream):
+        # Closing a plain socket never blocks: no timeout scope (~15 µs) needed.
+        await stream.aclose()
+        return
     with trio.move_on_after(1):
         try:
             await stream.aclose()
@@ -238,6 +242,9 @@ class Association:
         # "relay" once both sides are connected and associated: from then on an
         # ending that is not a release must reach both sides as an A-ABORT.
         self.phase = "setup"
+        # Set once _close_both has closed both sides, so that the common ending
+        # (release) does not pay for closing them a second time.
+        self._closed = False
 
     def _emit(self, event: str, level: str = "info", **fields: Any) -> None:
         getattr(self._log, level)(event, **fields)
@@ -253,13 +260,14 @@ class Association:
                 await self._run()
             finally:
                 self._count_out()
-                with trio.CancelScope(shield=True):
-                    if self.phase == "relay":
-                        # Cancelled mid-association (shutdown grace expired).
-                        await self._abort_both("gateway", "gateway shutting down")
-                    for s in (self.client, self.backend):
-                        if s is not None:
-                            await trio.aclose_forcefully(s)
+                if not self._closed:
+                    with trio.CancelScope(shield=True):
+                        if self.phase == "relay":
+                            # Cancelled mid-association (shutdown grace expired).
+                            await self._abort_both("gateway", "gateway shutting down")
+                        for s in (self.client, self.backend):
+                            if s is not None:
+                                await trio.aclose_forcefully(s)
 
     async def _run(self) -> None:
         # Every step before the relay is bounded: handshake, ARTIM, connect, answer.
@@ -507,8 +515,6 @@ class Association:
             raise _Rejected(RJ_CALLING_AE_REFUSED, decision.reason, check=decision.check)
         self._count_in(route)
 
-        await self._connect_backend(route)
-        assert self.backend is not None
         forward = raw.data
         if route.backend.called_ae or route.backend.calling_ae:
             forward = encode_pdu(dataclasses.replace(
@@ -516,7 +522,48 @@ class Association:
                 called_ae=route.backend.called_ae or rq.called_ae,
                 calling_ae=route.backend.calling_ae or rq.calling_ae,
             ))
-        try:
+        answer, rest = await self._exchange_with_backend(route, forward)
+        await self._answer(answer, rest)
+
+    async def _exchange_with_backend(self, route: RouteConfig,
+                                     forward: bytes) -> tuple[RawPDU, bytes]:
+        """Connect (+TLS), send the RQ, read the answer; every failure is an RJ.
+
+        One cancel scope covers the three steps and its deadline moves between
+        them (connect_timeout, handshake_timeout, backend_timeout): entering and
+        leaving a scope costs ~15 µs, moving a deadline ~3, and this runs for
+        every association.
+        """
+        gw, b = self.gw, route.backend
+        t0 = trio.current_time()
+        # What to report if the deadline below fires in the current step.
+        why = f"backend did not accept within {gw.connect_timeout:g} s"
+        fields: dict[str, Any] = {}
+        with trio.CancelScope(deadline=t0 + gw.connect_timeout) as timer:
+            try:
+                stream: trio.abc.Stream = await _connect_tcp(b.host, b.port)
+            except OSError as exc:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                                f"backend unreachable: {exc.strerror or exc}") from None
+            self.backend = stream
+            if route.backend_tls is not None:
+                client_tls = self.rt.backend_tls[route.name]
+                tls = TLSStream(stream, client_tls.new_connection(), server_side=False)
+                self.backend = stream = tls
+                why, fields = "backend TLS handshake timed out", {"tls_failure": True}
+                timer.deadline = trio.current_time() + gw.handshake_timeout
+                try:
+                    await tls.do_handshake()
+                    client_tls.check_peer(tls.connection)
+                except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _Rejected(RJ_BACKEND_UNAVAILABLE, f"backend TLS failed: {exc}",
+                                    tls_failure=True) from None
+            self.connect_seconds = trio.current_time() - t0
+            # backend_timeout from the RQ on, so a backend that does not even
+            # read it cannot hold the association either.
+            why, fields = (f"backend did not answer the A-ASSOCIATE-RQ within "
+                           f"{gw.backend_timeout:g} s"), {}
+            timer.deadline = trio.current_time() + gw.backend_timeout
             # Bytes a client sent right behind its RQ belong to the relay: the
             # tracker must see them to keep its PDU boundaries right.
             # (The framer's buffer is not needed while the relay runs: drop it.)
@@ -524,59 +571,22 @@ class Association:
             assert framer is not None
             pipelined = self.up.split_whole(framer.take_remaining())
             self.up.bytes += len(pipelined)
-            await self.backend.send_all(forward + pipelined)
-            answer, rest = await self._read_backend_answer()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _Rejected(RJ_BACKEND_UNAVAILABLE, f"backend connection lost: {exc}") from None
-        await self._answer(answer, rest)
-
-    async def _connect_backend(self, route: RouteConfig) -> None:
-        b = route.backend
-        t0 = trio.current_time()
-        try:
-            with trio.fail_after(self.gw.connect_timeout):
-                stream: trio.abc.Stream = await _connect_tcp(b.host, b.port)
-        except trio.TooSlowError:
-            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
-                            f"backend did not accept within {self.gw.connect_timeout:g} s"
-                            ) from None
-        except OSError as exc:
-            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
-                            f"backend unreachable: {exc.strerror or exc}") from None
-        self.backend = stream
-        if route.backend_tls is not None:
-            client_tls = self.rt.backend_tls[route.name]
-            tls = TLSStream(stream, client_tls.new_connection(), server_side=False)
-            self.backend = tls
+            answers = PDUFramer(max(gw.max_pdu_length, 1 << 20))
             try:
-                with trio.fail_after(self.gw.handshake_timeout):
-                    await tls.do_handshake()
-                client_tls.check_peer(tls.connection)
-            except trio.TooSlowError:
-                raise _Rejected(RJ_BACKEND_UNAVAILABLE, "backend TLS handshake timed out",
-                                tls_failure=True) from None
-            except (TLSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _Rejected(RJ_BACKEND_UNAVAILABLE, f"backend TLS failed: {exc}",
-                                tls_failure=True) from None
-        self.connect_seconds = trio.current_time() - t0
-
-    async def _read_backend_answer(self) -> tuple[RawPDU, bytes]:
-        assert self.backend is not None
-        framer = PDUFramer(max(self.gw.max_pdu_length, 1 << 20))
-        try:
-            with trio.fail_after(self.gw.backend_timeout):
-                answer = await _read_pdu(self.backend.receive_some, framer)
-        except trio.TooSlowError:
-            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
-                            f"backend did not answer the A-ASSOCIATE-RQ within "
-                            f"{self.gw.backend_timeout:g} s") from None
-        except ProtocolError as exc:
-            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
-                            f"backend sent a malformed answer: {exc}") from None
-        if answer is None:
-            raise _Rejected(RJ_BACKEND_UNAVAILABLE,
-                            "backend closed the connection without answering")
-        return answer, framer.take_remaining()
+                await stream.send_all(forward + pipelined)
+                answer = await _read_pdu(stream.receive_some, answers)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                                f"backend connection lost: {exc}") from None
+            except ProtocolError as exc:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                                f"backend sent a malformed answer: {exc}") from None
+            if answer is None:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                                "backend closed the connection without answering")
+            return answer, answers.take_remaining()
+        # Only the deadline gets here (every other way out returns or raises).
+        raise _Rejected(RJ_BACKEND_UNAVAILABLE, why, **fields)
 
     async def _answer(self, answer: RawPDU, rest: bytes) -> None:
         assert self.backend is not None and self.rq is not None and self.route is not None
@@ -745,10 +755,13 @@ class Association:
             # The common case (release): two quick closes need no tasks.
             for s, wait in ends:
                 await _finish(s, wait)
-            return
-        async with trio.open_nursery() as n:
-            for s, wait in ends:
-                n.start_soon(_finish, s, wait)
+        else:
+            async with trio.open_nursery() as n:
+                for s, wait in ends:
+                    n.start_soon(_finish, s, wait)
+        # _finish closes even when it fails (forcefully); only cancellation
+        # gets past it, and then run() still closes both.
+        self._closed = True
 
 
 class _Done(Exception):
