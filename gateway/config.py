@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .dul.ae import validate_ae
 from .errors import ConfigError
+from .tls.certs import parse_thumbprint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -356,6 +357,17 @@ class _Validator:
             return None
         return tuple(value)
 
+    def thumbprints(self, where: str, table: dict[str, Any], key: str) -> tuple[str, ...]:
+        # Parsed here so that a typo is a config error with its key path, not a
+        # ValueError out of context building (check, run, or a SIGHUP reload).
+        items = self.str_list(where, table, key) or ()
+        for item in items:
+            try:
+                parse_thumbprint(item)
+            except ValueError as exc:
+                self.error(where, f"{key}: {exc}")
+        return items
+
     def ae(self, where: str, key: str, title: str | None, *, glob: bool = False) -> None:
         if title is None:
             return
@@ -599,7 +611,7 @@ class _Validator:
             verify = self.choice(
                 w, t, "verify", ("chain", "thumbprint", "chain+thumbprint", "none"), None
             )
-            thumbs = self.str_list(w, t, "thumbprints") or ()
+            thumbs = self.thumbprints(w, t, "thumbprints")
             if verify in ("thumbprint", "chain+thumbprint") and not thumbs:
                 self.error(w, f"verify = {verify!r} needs thumbprints")
             trust = self.file(w, t, "trust")
@@ -668,7 +680,7 @@ class _Validator:
         )
         verify = self.choice(where, t, "verify", ("chain", "thumbprint", "none"), "chain")
         ca = self.file(where, t, "ca")
-        thumbs = self.str_list(where, t, "thumbprints") or ()
+        thumbs = self.thumbprints(where, t, "thumbprints")
         if verify == "chain" and ca is None:
             self.error(where, "verify = 'chain' needs ca (the backend's CA bundle)")
         if verify == "thumbprint" and not thumbs:
@@ -714,5 +726,13 @@ def read_key_password(cert: CertificateConfig, env: Callable[[str], str | None])
             )
         return value.encode()
     if cert.key_password_file:
-        return cert.key_password_file.read_bytes().rstrip(b"\r\n")
+        # Checked to exist at load time, but it may be unreadable to this user
+        # (or gone by a SIGHUP reload): a ConfigError, not a crash of the reload.
+        try:
+            return cert.key_password_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"{cert.cert}: key_password_file {cert.key_password_file}: cannot read it "
+                f"({exc.strerror or exc})"
+            ) from None
     return None

@@ -22,7 +22,9 @@ import trio
 from .config import CertificateConfig, Config, ListenerConfig, load_config, read_key_password
 from .errors import ConfigError, GatewayError
 from .listen import open_listeners
+from .observe.audit import make_sender
 from .observe.hub import EventHub
+from .observe.log import set_level
 from .policy import effective_verify
 from .session import Association, Counters, Runtime
 from .tls.context import (
@@ -123,29 +125,39 @@ def build_runtime(config: Config) -> Runtime:
         if not lst.tls:
             continue
         _warn_retired(f"listener '{lst.name}'", lst.profile)
-        server_tls[lst.name] = build_server(ServerTLSSettings(
-            identities=tuple(_identity(c) for c in lst.certificates),
-            profile=lst.profile,
-            client_cert=lst.client_cert,
-            trust=lst.trust,
-            min_version=lst.min_version,
-            ciphers=lst.ciphers,
-            verify_in_handshake=_verify_in_handshake(config, lst),
-        ))
+        try:
+            server_tls[lst.name] = build_server(ServerTLSSettings(
+                identities=tuple(_identity(c) for c in lst.certificates),
+                profile=lst.profile,
+                client_cert=lst.client_cert,
+                trust=lst.trust,
+                min_version=lst.min_version,
+                ciphers=lst.ciphers,
+                verify_in_handshake=_verify_in_handshake(config, lst),
+            ))
+        except GatewayError as exc:
+            # e.g. "min_version ... is above what profile 'aes' allows": say where.
+            raise ConfigError(f"listener '{lst.name}': {exc}") from None
     backend_tls = {}
     for route in config.routes:
         bt = route.backend_tls
         if bt is None:
             continue
         _warn_retired(f"route '{route.name}' backend_tls", bt.profile)
-        backend_tls[route.name] = build_client(ClientTLSSettings(
-            profile=bt.profile,
-            verify=bt.verify,
-            ca=bt.ca,
-            server_name=bt.server_name,
-            thumbprints=bt.thumbprints,
-            identity=_identity(bt.certificate) if bt.certificate else None,
-        ))
+        try:
+            backend_tls[route.name] = build_client(ClientTLSSettings(
+                profile=bt.profile,
+                verify=bt.verify,
+                ca=bt.ca,
+                server_name=bt.server_name,
+                thumbprints=bt.thumbprints,
+                identity=_identity(bt.certificate) if bt.certificate else None,
+            ))
+        except GatewayError as exc:
+            raise ConfigError(f"route '{route.name}': backend_tls: {exc}") from None
+    # The audit sender is built (and dropped) now only to check its files: the
+    # hub's sender task builds its own, and there a bad CA would end the process.
+    make_sender(config.audit)
     return Runtime(config=config, server_tls=server_tls, backend_tls=backend_tls,
                    route_verifiers=_route_verifiers(config),
                    ocsp=OCSPChecker(timeout=config.gateway.connect_timeout))
@@ -205,6 +217,7 @@ class GatewayServer:
         except GatewayError as exc:
             self._event("config.reload_failed", "error", path=str(path), error=str(exc))
             return False
+        old_log = self.runtime.config.log
         old = {lst.name: lst for lst in self.runtime.config.listeners}
         wanted = {lst.name: lst for lst in new.config.listeners}
         rebind = [lst for name, lst in wanted.items()
@@ -244,6 +257,11 @@ class GatewayServer:
                               address=f"{lst.host}:{lst.port}", error=exc.strerror or str(exc))
                     continue
             self._start_listener(lst, socks)
+        if new.config.log.level != old_log.level:
+            # Bound loggers of live associations keep the level they started with.
+            set_level(new.config.log.level)
+        if new.config.log.format != old_log.format:
+            log.warning("log.format_unchanged", reason="[log] format changed; restart to apply it")
         if self.hub is not None:
             self.hub.reconfigure(new.config)
         self._event("config.reloaded", path=str(path), routes=len(new.config.routes),

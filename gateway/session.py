@@ -589,24 +589,46 @@ class Association:
         raise _Rejected(RJ_BACKEND_UNAVAILABLE, why, **fields)
 
     async def _answer(self, answer: RawPDU, rest: bytes) -> None:
+        """Pass the backend's answer to the client; every way but an AC ends here.
+
+        The framer checked only the PDU header: a malformed AC (when titles are
+        rewritten) or RJ body would raise ProtocolError out of the session.
+        """
         assert self.backend is not None and self.rq is not None and self.route is not None
         if answer.pdu_type == PDU_A_ASSOCIATE_AC:
             data = answer.data
             b = self.route.backend
             if b.called_ae or b.calling_ae:
-                ac = decode_pdu(data)
+                try:
+                    ac = decode_pdu(data)
+                except ProtocolError as exc:
+                    raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                                    f"backend sent a malformed A-ASSOCIATE-AC: {exc}") from None
                 assert isinstance(ac, AssociateAC)
                 # The client must see the titles it sent (PS3.8: AC echoes the RQ).
                 data = encode_pdu(dataclasses.replace(
                     ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae))
             rest = self.down.split_whole(rest)  # the AC itself is not part of the relay
-            await self.client.send_all(data + rest)
-            self.down.bytes += len(data) + len(rest)
+            # The backend now holds an established association: from here on a
+            # client that vanishes must cost the backend an A-ABORT, not a crash.
             self.phase = "relay"
+            self.down.sending = True  # cancelled mid-AC: the client gets no A-ABORT
+            try:
+                await self.client.send_all(data + rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self._abort_both("client", "client closed the connection before the "
+                                                 f"A-ASSOCIATE-AC reached it ({exc})")
+                raise _Done from None
+            self.down.sending = False
+            self.down.bytes += len(data) + len(rest)
             self._emit("association.accepted", **self._accepted_fields())
             return
         if answer.pdu_type == PDU_A_ASSOCIATE_RJ:
-            rj = decode_pdu(answer.data)
+            try:
+                rj = decode_pdu(answer.data)
+            except ProtocolError as exc:
+                raise _Rejected(RJ_BACKEND_UNAVAILABLE,
+                                f"backend sent a malformed A-ASSOCIATE-RJ: {exc}") from None
             await _send_quietly(self.client, answer.data)
             self._emit("association.rejected", source_side="backend",
                        result=rj.result, source=rj.source, reason=rj.reason,
@@ -658,7 +680,14 @@ class Association:
             await self._close_both(())
             return
         by, why = self._why_ended(result)
-        await self._abort_both(by, why)
+        # PS3.8 table 9-26 for a protocol violation: 1 unrecognized PDU (a type
+        # the tracker does not know), 2 unexpected PDU (e.g. a second RQ).
+        reason = 0
+        for d in (self.up, self.down):
+            if d.end is End.VIOLATION:
+                reason = 2 if d.violation is not None else 1
+                break
+        await self._abort_both(by, why, reason)
 
     def _summary(self) -> dict[str, Any]:
         summary: dict[str, Any] = {
@@ -683,12 +712,12 @@ class Association:
             on_message=lambda m: self._on_dimse("down", m), on_error=self._on_dimse_error))
 
     def _on_dimse(self, direction: str, m: DimseMessage) -> None:
+        status_class = m.status_class
         # Summary key: the command, and for responses its status class.
-        key = f"{m.command} {m.status_class}" if m.status is not None else m.command
+        key = f"{m.command} {status_class}" if status_class is not None else m.command
         counts = self.dimse_counts
         if counts is not None:
             counts[key] = counts.get(key, 0) + 1
-        status_class = m.status_class
         fields = {
             "command": m.command,
             "message_id": m.message_id if m.message_id is not None
@@ -714,7 +743,10 @@ class Association:
         """Who ended an association that was neither released nor aborted, and why."""
         for d, side in ((self.up, "client"), (self.down, "backend")):
             if d.end is End.VIOLATION:
-                what = _PDU_NAMES.get(d.violation or 0, f"PDU type 0x{d.violation or 0:02X}")
+                if d.violation is None:  # a type no PDU has: the tracker stopped there
+                    what = f"unrecognized PDU type 0x{d.tracker.last_type or 0:02X}"
+                else:
+                    what = _PDU_NAMES.get(d.violation, f"PDU type 0x{d.violation:02X}")
                 return "gateway", f"{side} sent {what} on an established association"
         if result.idle_timeout:
             return "gateway", f"idle for {self.gw.idle_timeout:g} s"
@@ -728,12 +760,15 @@ class Association:
         detail = d.end.value + (f": {d.error}" if d.error else "")
         return side, f"{side} closed the connection without release ({detail})"
 
-    async def _abort_both(self, by: str, why: str) -> None:
+    async def _abort_both(self, by: str, why: str, reason: int = 0) -> None:
         """Send A-ABORT to every side still there, so no sender believes a transfer
-        succeeded that the receiver did not get; then close both."""
+        succeeded that the receiver did not get; then close both.
+
+        ``reason`` is the A-ABORT reason the client gets (source 2); the backend
+        always gets reason 0.
+        """
         told = []
-        # A-ABORT source 2 reason 2 (unexpected PDU) for a violation, else 0.
-        pdu = encode_abort(2, 2) if "established association" in why else ABORT_PROVIDER
+        pdu = encode_abort(2, reason) if reason else ABORT_PROVIDER
         if by != "client" and self.down.destination_clean and \
                 await _send_quietly(self.client, pdu):
             told.append("client")

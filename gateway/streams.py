@@ -36,8 +36,3 @@ class PrefixedStream(trio.abc.Stream):
         """Close ``inner``."""
         await self.inner.aclose()
 
-
-async def sniff(stream: trio.abc.Stream, want: int) -> bytes:
-    """Read at least 1 and up to ``want`` bytes (b"" only on EOF) without losing any."""
-    data = await stream.receive_some(want)
-    return data

@@ -9,10 +9,13 @@ import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import trio
 
-from gateway.config import AuditSettings
+from gateway.config import AuditSettings, load_config
+from gateway.errors import ConfigError
 from gateway.observe import audit as A
+from gateway.server import build_runtime
 
 # --------------------------------------------------------------------------- A.5.1 checker
 # A direct transcription of the RELAX NG schema of PS3.15 A.5.1 (element order,
@@ -273,3 +276,17 @@ def test_file_trail(tmp_path: Path):
     assert len(lines) == 2
     for line in lines:
         validate_audit_message(parse_syslog(line)[1])
+
+
+def test_bad_audit_ca_refuses_the_config_not_the_running_gateway(tmp_path: Path) -> None:
+    # The audit TLS context used to be built first in the sender task, after the
+    # gateway was listening: a bad CA there ended the process with a traceback
+    # (and `check` said OK). build_runtime now refuses it like any other file.
+    (tmp_path / "ca.pem").write_text("not a pem\n")
+    (tmp_path / "gw.toml").write_text(
+        '[audit]\ntransport = "tls"\naddress = "127.0.0.1:6514"\nca = "ca.pem"\n'
+        '[[listener]]\nname = "plain"\nlisten = "127.0.0.1:11112"\n'
+        '[[route]]\nname = "r"\ncalled_ae = "ARCHIVE"\n'
+        'backend = { host = "127.0.0.1", port = 104 }\n')
+    with pytest.raises(ConfigError, match=r"\[audit\]: ca .*ca\.pem"):
+        build_runtime(load_config(tmp_path / "gw.toml"))

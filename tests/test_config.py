@@ -135,3 +135,27 @@ def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
 def test_backend_tls_chain_needs_ca(tmp_path: Path) -> None:
     msg = errors_of(tmp_path, BASE + "\n[route.backend_tls]\nverify = \"chain\"\n")
     assert "route 'ct': backend_tls: verify = 'chain' needs ca" in msg
+
+
+def test_unreadable_key_password_file_is_a_config_error(tmp_path: Path) -> None:
+    # Validated to exist at load time; reading it later (run, SIGHUP reload) used
+    # to raise a bare OSError, which ends the process instead of refusing a reload.
+    from gateway.config import CertificateConfig, read_key_password
+
+    missing = tmp_path / "gone.txt"
+    cert = CertificateConfig(cert=tmp_path / "c.pem", key_password_file=missing)
+    with pytest.raises(ConfigError, match=r"key_password_file .*gone\.txt"):
+        read_key_password(cert, {}.get)
+
+
+def test_malformed_thumbprints_name_their_key(tmp_path: Path) -> None:
+    # A bad backend_tls thumbprint used to escape as a ValueError traceback from
+    # build_client (check, run, and a SIGHUP reload, which it ended).
+    msg = errors_of(tmp_path, BASE + '''
+thumbprints = ["sha256:12"]
+[route.backend_tls]
+verify = "thumbprint"
+thumbprints = ["zz"]
+''')
+    assert "route 'ct': thumbprints: thumbprint 'sha256:12'" in msg
+    assert "route 'ct': backend_tls: thumbprints: thumbprint 'zz' contains 'z'" in msg

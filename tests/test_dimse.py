@@ -207,6 +207,18 @@ def test_oversized_command_set_is_refused():
     assert ins.seen_release_rq
 
 
+def test_command_split_across_two_contexts_disables_dimse_but_keeps_tracking():
+    # Used to raise TypeError out of feed() (and so out of the relay).
+    cmd = store_rq()
+    stream = pdata(pdv(1, 0b01, cmd[:10])) + pdata(pdv(3, 0b11, cmd[10:])) + RELEASE_RQ
+    for name, splits in chunkings(stream):
+        ins, msgs, errors = run(stream, splits)
+        assert msgs == [], name
+        assert len(errors) == 1 and "two presentation contexts" in errors[0], name
+        assert ins.seen_release_rq and ins.at_boundary and not ins.broken, name
+        assert ins.pdus == 3
+
+
 def test_unknown_pdu_type_breaks_like_tracker():
     ins, msgs, _ = run(pdata(pdv(1, 0b11, store_rq())) + b"\x09\x00\x00\x00\x00\x01x", [])
     assert ins.broken and len(msgs) == 1

@@ -153,3 +153,10 @@ def test_property_garbage_never_raises(chunks: list[bytes]) -> None:
     for chunk in chunks:
         tracker.feed(chunk)
     assert tracker.broken or tracker.pdus >= 0
+
+
+def test_unknown_type_is_kept_in_last_type() -> None:
+    # The relay names the offending type in its abort reason (session._why_ended).
+    t = PDUTracker()
+    t.feed(b"\x09\x00\x00\x00\x00\x00")
+    assert t.broken and t.last_type == 0x09

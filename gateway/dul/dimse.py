@@ -320,7 +320,7 @@ class DimseInspector(PDUTracker):
                 if self._pdv_command:
                     if self._command and context_id != self._command_context:
                         self._fail("command fragments of one message on two presentation "
-                                   "contexts", chunk, pos, remaining, pdv_remaining)
+                                   "contexts", chunk, pos, remaining)
                         return
                     self._command_context = context_id
                     if not pdv_remaining and self._pdv_last:
@@ -342,6 +342,7 @@ class DimseInspector(PDUTracker):
                 pdu_type, _, length = _HEADER.unpack(header)
                 header.clear()
             if not _FIRST_TYPE <= pdu_type <= _LAST_TYPE:
+                self.last_type = pdu_type  # so the relay can name what broke it
                 self.broken = True
                 self.at_boundary = False
                 self._remaining = 0

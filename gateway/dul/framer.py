@@ -114,6 +114,7 @@ class PDUFramer:
 
     @property
     def max_pdu_length(self) -> int:
+        """The largest PDU length field accepted (bytes after the header)."""
         return self._max_pdu_length
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:

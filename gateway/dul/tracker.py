@@ -39,7 +39,8 @@ class PDUTracker:
     ``pdus``
         number of PDUs whose header has been seen (the last one may be incomplete);
     ``last_type``
-        type of the most recent PDU whose header was seen, or ``None``;
+        type of the most recent PDU whose header was seen, or ``None`` (once
+        ``broken``: the unknown type that broke it);
     ``seen_release_rq`` / ``seen_release_rp`` / ``seen_abort``
         a header of that type has been seen;
     ``broken``
@@ -130,6 +131,7 @@ class PDUTracker:
                 pdu_type, _, length = _HEADER.unpack(header)
                 header.clear()
             if not _FIRST_TYPE <= pdu_type <= _LAST_TYPE:
+                self.last_type = pdu_type  # so the relay can name what broke it
                 self.broken = True
                 self.at_boundary = False
                 self._remaining = 0

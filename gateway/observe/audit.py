@@ -41,7 +41,8 @@ from typing import Any
 import structlog
 import trio
 
-from ..config import AuditSettings
+from ..config import AuditSettings, read_key_password
+from ..errors import ConfigError
 
 __all__ = ["AuditSource", "AuditTrail", "Code", "Participant", "application_activity",
            "instances_transferred", "octet_count", "security_alert", "syslog_message", "to_xml"]
@@ -319,14 +320,22 @@ class _TLSSender(_Sender):
     def __init__(self, settings: AuditSettings, connect_timeout: float = 5.0) -> None:
         assert settings.host is not None and settings.port is not None
         self.host, self.port = settings.host, settings.port
-        ctx = ssl.create_default_context(cafile=str(settings.ca) if settings.ca else None)
+        # Built when the config is loaded (server.build_runtime), so a bad file is
+        # a ConfigError naming the key there, not a crash of the running sender.
+        try:
+            ctx = ssl.create_default_context(cafile=str(settings.ca) if settings.ca else None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"[audit]: ca {settings.ca}: cannot use it as a CA bundle "
+                              f"({exc})") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if settings.certificate is not None:
             c = settings.certificate
-            from ..config import read_key_password
-
-            ctx.load_cert_chain(str(c.cert), str(c.key) if c.key else None,
-                                password=read_key_password(c, os.environ.get))
+            try:
+                ctx.load_cert_chain(str(c.cert), str(c.key) if c.key else None,
+                                    password=read_key_password(c, os.environ.get))
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"[audit]: cert {c.cert}: cannot load the certificate "
+                                  f"and key ({exc})") from None
         self.server_name = settings.server_name or settings.host
         self.context = ctx
         self.timeout = connect_timeout

@@ -54,8 +54,14 @@ def _serialize(obj: Any, **_kw: Any) -> str:
     return _ENCODE(obj)
 
 
+#: (format, stream) of the last configure_logging call; None until one was made.
+_CURRENT: tuple[str, TextIO | None] | None = None
+
+
 def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     """Install the processor chain; safe to call again on reload."""
+    global _CURRENT
+    _CURRENT = (fmt, stream)
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
@@ -76,6 +82,20 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         # once (an association's life) instead of rebuilding one per line.
         cache_logger_on_first_use=False,
     )
+
+
+def set_level(level: str) -> bool:
+    """Apply a reloaded ``[log] level``, keeping the format and stream in use.
+
+    The format stays what the process started with (``--log-format`` may have
+    overridden the file). Does nothing, and returns False, when logging was
+    never configured here (library use, tests capturing logs).
+    """
+    if _CURRENT is None:
+        return False
+    fmt, stream = _CURRENT
+    configure_logging(fmt, level, stream)
+    return True
 
 
 def get_logger() -> Any:

@@ -997,7 +997,9 @@ class FakeBackend:
     mode ``"flood"``: answer the RQ with an AC, then send P-DATA-TF as fast as the
     connection takes it (``flooded`` counts the bytes);
     mode ``"cut"``: answer the RQ with an AC, send one P-DATA-TF and the first 5000
-    bytes of a second, then close (a backend dying in the middle of a PDU).
+    bytes of a second, then close (a backend dying in the middle of a PDU);
+    mode ``"bad-rj"``: answer the RQ with an A-ASSOCIATE-RJ whose body is 5 bytes;
+    mode ``"slow-accept"``: like ``"accept"``, but the AC leaves 0.5 s after the RQ.
     ``pdu_types`` lists the first byte of every PDU received (all connections).
     """
 
@@ -1046,7 +1048,13 @@ class FakeBackend:
                 pdu = bytes(buf[: 6 + n])
                 del buf[: 6 + n]
                 self.pdu_types.append(pdu[0])
+                if self.mode == "bad-rj" and pdu[0] == 0x01:
+                    with contextlib.suppress(OSError):
+                        conn.sendall(raw_pdu(0x03, bytes([0, 1, 1, 7, 0])))  # 5-byte body
+                    continue
                 if self.mode != "silent" and pdu[0] == 0x01:
+                    if self.mode == "slow-accept":
+                        time.sleep(0.5)
                     with contextlib.suppress(OSError):
                         conn.sendall(assoc_ac_for(pdu))
                     if self.mode == "stall":

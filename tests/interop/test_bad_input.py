@@ -253,6 +253,21 @@ def test_second_rq_after_association(gw):
     assert_still_serving(gw)
 
 
+def test_unknown_pdu_type_after_association(gw):
+    # Used to be logged as "client sent PDU type 0x00 ..." and answered with
+    # reason 2 (unexpected PDU); PS3.8 table 9-26 wants 1 (unrecognized PDU).
+    gateway_proc, scp = gw
+    n0 = len(scp.pdu_types)
+    with raw_associate(gateway_proc.port("plain")) as peer:
+        peer.send(raw_pdu(0x09, bytes(4)))
+        assert answer_and_close(peer) == abort_bytes(2, 1)
+        rec = ended_once(gateway_proc, peer, "association.aborted")
+    assert rec.get("by") == "gateway", rec
+    assert "unrecognized PDU type 0x09" in rec.get("reason", ""), rec
+    assert backend_aborted(scp, n0), f"backend got no A-ABORT; PDU types {scp.pdu_types[n0:]}"
+    assert_still_serving(gw)
+
+
 TLS_JUNK = {
     # a plaintext fatal alert (handshake_failure) where only encrypted records may come
     "alert": bytes.fromhex("15030300020228"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import struct
 import time
 
 import pytest
@@ -241,6 +242,37 @@ def test_backend_port_closed(gateway):
         assert peer.read_pdu(5) == reject_bytes(2, 3, 1), gw.output()
         assert time.monotonic() - t0 < 1.0
         assert wait_peer_records(gw, peer, "association.rejected"), gw.output()
+    assert_no_tracebacks(gw)
+
+
+def test_backend_malformed_rj_is_a_gateway_reject(fake_backend, gateway):
+    # A backend RJ with a bad body used to raise ProtocolError out of the session
+    # (association.crashed, traceback, the client got nothing but a close).
+    fb = fake_backend("bad-rj")
+    gw = gateway([plain_listener()], [route("a", "ARCHIVE", fb.port)], settings=FAST)
+    with RawPeer(gw.port("plain")) as peer:
+        peer.send(assoc_rq_bytes())
+        assert peer.read_pdu(5) == reject_bytes(2, 3, 1), gw.output()
+        recs = wait_peer_records(gw, peer, "association.rejected")
+        assert recs and "malformed A-ASSOCIATE-RJ" in recs[0].get("why", ""), gw.output()
+    assert_no_tracebacks(gw)
+
+
+def test_client_gone_before_ac_aborts_backend(fake_backend, gateway):
+    # The client resets while the backend is still deciding. The AC then cannot be
+    # delivered: the backend (which believes the association is up) gets an A-ABORT,
+    # and the gateway logs one "aborted" line instead of a crash traceback.
+    fb = fake_backend("slow-accept")
+    gw = gateway([plain_listener()], [route("a", "ARCHIVE", fb.port)], settings=FAST)
+    peer = RawPeer(gw.port("plain"))
+    peer.send(assoc_rq_bytes())
+    assert fb.wait_for_pdu(0x01), gw.output()
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # RST
+    assert fb.wait_for_pdu(0x07), (fb.pdu_types, gw.output())
+    recs = wait_peer_records(gw, peer, "association.aborted")
+    assert recs and recs[0].get("by") == "client", gw.output()
+    assert recs[0].get("abort_sent_to") == ["backend"], recs
     assert_no_tracebacks(gw)
 
 
