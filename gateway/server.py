@@ -209,7 +209,11 @@ class GatewayServer:
         New associations use the new routes and contexts; live ones keep the
         Runtime they started with. Listeners are added, removed or re-bound to
         match. Anything invalid — config, certificate, a port that cannot be
-        bound — refuses the whole reload and keeps the old state.
+        bound — refuses the whole reload and keeps the old state. The one
+        exception: an address that moves from a retired listener to a new one can
+        only be bound after the old socket closed; if that fails, the rest of the
+        reload stands, ``config.reloaded`` lists it under ``bind_failed`` and the
+        method returns False.
         """
         path = self.runtime.config.path
         try:
@@ -247,6 +251,7 @@ class GatewayServer:
             log.info("listener.stopped", listener=name)
         self.runtime = new
         await trio.sleep(0)  # let retired accept loops close their sockets
+        added, failed = [], []
         for lst in rebind:
             socks = opened.get(lst.name)
             if socks is None:
@@ -255,8 +260,10 @@ class GatewayServer:
                 except OSError as exc:
                     log.error("listener.bind_failed", listener=lst.name,
                               address=f"{lst.host}:{lst.port}", error=exc.strerror or str(exc))
+                    failed.append(lst.name)
                     continue
             self._start_listener(lst, socks)
+            added.append(lst.name)
         if new.config.log.level != old_log.level:
             # Bound loggers of live associations keep the level they started with.
             set_level(new.config.log.level)
@@ -265,9 +272,9 @@ class GatewayServer:
         if self.hub is not None:
             self.hub.reconfigure(new.config)
         self._event("config.reloaded", path=str(path), routes=len(new.config.routes),
-                    listeners=sorted(wanted), added=[lst.name for lst in rebind],
-                    removed=retire)
-        return True
+                    listeners=sorted(wanted), added=added, removed=retire,
+                    **({"bind_failed": failed} if failed else {}))
+        return not failed
 
     async def _bind(self, lst: ListenerConfig) -> list[trio.SocketListener]:
         host = None if lst.host in ("*", "0.0.0.0", "::") else lst.host
