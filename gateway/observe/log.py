@@ -77,7 +77,10 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        # WriteLogger writes line and newline in one write(): with --workers,
+        # several processes share one stderr, and print()'s separate newline
+        # write let their JSON lines run together.
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         # Not cached: a reload may change the level. Hot paths bind a logger
         # once (an association's life) instead of rebuilding one per line.
         cache_logger_on_first_use=False,
