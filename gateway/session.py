@@ -23,6 +23,7 @@ from cryptography import x509
 from .config import Config, ListenerConfig, RouteConfig
 from .dul.ae import validate_ae
 from .dul.codec import decode_pdu, encode_abort, encode_pdu, encode_reject
+from .dul.constants import PDU_NAMES, PDUType
 from .dul.dimse import DimseInspector, DimseMessage
 from .dul.framer import PDUFramer, RawPDU, TLSOnPlainPortError
 from .dul.pdus import AssociateAC, AssociateRQ
@@ -40,11 +41,10 @@ from .tls.verify import RouteVerifier
 
 log = structlog.get_logger("gateway")
 
-PDU_A_ASSOCIATE_RQ = 0x01
-PDU_A_ASSOCIATE_AC = 0x02
-PDU_A_ASSOCIATE_RJ = 0x03
-PDU_A_ABORT = 0x07
-_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ"}
+PDU_A_ASSOCIATE_RQ = PDUType.ASSOCIATE_RQ
+PDU_A_ASSOCIATE_AC = PDUType.ASSOCIATE_AC
+PDU_A_ASSOCIATE_RJ = PDUType.ASSOCIATE_RJ
+PDU_A_ABORT = PDUType.ABORT
 
 # DESIGN §2 rejection table: (result, source, reason).
 RJ_CALLED_AE_UNKNOWN = (1, 1, 7)
@@ -746,7 +746,7 @@ class Association:
                 if d.violation is None:  # a type no PDU has: the tracker stopped there
                     what = f"unrecognized PDU type 0x{d.tracker.last_type or 0:02X}"
                 else:
-                    what = _PDU_NAMES.get(d.violation, f"PDU type 0x{d.violation:02X}")
+                    what = PDU_NAMES.get(d.violation, f"PDU type 0x{d.violation:02X}")
                 return "gateway", f"{side} sent {what} on an established association"
         if result.idle_timeout:
             return "gateway", f"idle for {self.gw.idle_timeout:g} s"

@@ -33,7 +33,7 @@ from typing import Any
 from gateway.dul import constants
 from gateway.dul.ae import AE_LENGTH, decode_ae, encode_ae
 from gateway.dul.constants import *  # noqa: F403 -- re-exported: see __all__
-from gateway.dul.constants import AbortReason, ItemType, PDUType
+from gateway.dul.constants import PDU_NAMES, AbortReason, ItemType, PDUType
 from gateway.dul.pdus import (
     PDU,
     PDV,
@@ -105,15 +105,6 @@ _UNRECOGNIZED_PDU = AbortReason.UNRECOGNIZED_PDU
 _UNEXPECTED_PARAMETER = AbortReason.UNEXPECTED_PDU_PARAMETER
 _INVALID_VALUE = AbortReason.INVALID_PDU_PARAMETER_VALUE
 
-_PDU_NAMES = {
-    PDUType.ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
-    PDUType.ASSOCIATE_AC: "A-ASSOCIATE-AC",
-    PDUType.ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
-    PDUType.P_DATA_TF: "P-DATA-TF",
-    PDUType.RELEASE_RQ: "A-RELEASE-RQ",
-    PDUType.RELEASE_RP: "A-RELEASE-RP",
-    PDUType.ABORT: "A-ABORT",
-}
 
 
 def _invalid(message: str, offset: int, reason: int = _INVALID_VALUE) -> ProtocolError:
@@ -343,7 +334,7 @@ def _decode_pc_ac(mv: memoryview, reserved: int, start: int, end: int) -> Presen
 def _decode_items(mv: memoryview, pdu_type: int, start: int, end: int) -> tuple[Item, ...]:
     """Decode the variable items of an A-ASSOCIATE-RQ (01H) or -AC (02H)."""
     is_rq = pdu_type == PDUType.ASSOCIATE_RQ
-    name = _PDU_NAMES[PDUType(pdu_type)]
+    name = PDU_NAMES[PDUType(pdu_type)]
     items: list[Item] = []
     seen_context = seen_user = False
     for item_type, reserved, s, e in _iter_items(mv, start, end, name):
@@ -383,7 +374,7 @@ def _lenient_ae(raw: bytes) -> str:
 
 
 def _decode_associate(mv: memoryview, pdu_type: int, header_reserved: int) -> PDU:
-    name = _PDU_NAMES[PDUType(pdu_type)]
+    name = PDU_NAMES[PDUType(pdu_type)]
     body = len(mv) - PDU_HEADER_LENGTH
     if body < ASSOCIATE_FIXED_LENGTH:
         raise _invalid(
@@ -470,13 +461,13 @@ def decode_pdu(data: bytes | bytearray | memoryview) -> PDU:
     if size == 0:
         raise _invalid("empty PDU", 0)
     pdu_type = mv[0]
-    if pdu_type not in _PDU_NAMES:
+    if pdu_type not in PDU_NAMES:
         raise ProtocolError(
             f"unrecognized PDU type 0x{pdu_type:02X} (offset 0)",
             abort_reason=_UNRECOGNIZED_PDU,
             offset=0,
         )
-    name = _PDU_NAMES[PDUType(pdu_type)]
+    name = PDU_NAMES[PDUType(pdu_type)]
     if size < PDU_HEADER_LENGTH:
         raise _invalid(f"{name}: {size} bytes are too short for the 6-byte PDU header", 0)
     _, header_reserved, length = PDU_HEADER.unpack_from(mv, 0)

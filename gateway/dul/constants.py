@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = [
+    "PDU_NAMES",
     "AbortReason",
     "AbortSource",
     "ItemType",
@@ -35,6 +36,18 @@ class PDUType(IntEnum):
     RELEASE_RQ = 0x05
     RELEASE_RP = 0x06
     ABORT = 0x07
+
+
+#: PS3.8 names of the PDU types, for log lines and error messages.
+PDU_NAMES: dict[int, str] = {
+    PDUType.ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
+    PDUType.ASSOCIATE_AC: "A-ASSOCIATE-AC",
+    PDUType.ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
+    PDUType.P_DATA_TF: "P-DATA-TF",
+    PDUType.RELEASE_RQ: "A-RELEASE-RQ",
+    PDUType.RELEASE_RP: "A-RELEASE-RP",
+    PDUType.ABORT: "A-ABORT",
+}
 
 
 class ItemType(IntEnum):
